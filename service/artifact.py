@@ -1,0 +1,259 @@
+"""The model artifact: the one contract between the trainer and the service.
+
+This module alone knows the format (docs/artifact.md describes it for people). It writes
+artifacts atomically, lists what a store holds, and verifies every file's sha256 before
+anything is loaded. It depends on torch and the standard library only, so both the
+trainer and the service can use it without importing each other.
+
+    <store>/<name>/<version>/
+        model.pt        TorchScript: encode(x) -> (mu, sigma), decode(z) -> x, forward(x)
+        manifest.json   what the model is, how it was trained and evaluated, and files' sha256
+        report/         figures and the model card, for people (and the latent map, for the UI)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+MANIFEST_FILE = "manifest.json"
+REPORT_DIR = "report"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^v(\d{1,9})$")
+REQUIRED_FIELDS = ("format_version", "name", "version", "created_at", "image_shape", "latent_dim",
+                   "likelihood", "files")
+
+
+class ArtifactError(Exception):
+    """An artifact is missing, incomplete, tampered with or of an unknown format."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.manifest["latent_dim"])
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def version_number(version: str) -> int:
+    match = VERSION_RE.match(version)
+    if not match:
+        raise ArtifactError(f"bad version {version!r}: versions are 'v' followed by a number, e.g. v3")
+    return int(match.group(1))
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def next_version(store: Path, name: str) -> str:
+    existing = list_versions(store, name)
+    return f"v{version_number(existing[-1]) + 1 if existing else 1}"
+
+
+def write_artifact(
+    store: Path | str,
+    name: str,
+    scripted_model: torch.jit.ScriptModule,
+    manifest: dict[str, Any],
+    report_files: dict[str, bytes] | None = None,
+    version: str | None = None,
+) -> Artifact:
+    """Writes a new version of `name` into the store and returns it.
+
+    Everything goes into a hidden staging directory beside the final one, which is then
+    renamed into place: readers see either no version or the complete one, never a part.
+    """
+    store = Path(store)
+    if not NAME_RE.match(name):
+        raise ArtifactError(f"bad model name {name!r}: use lowercase letters, digits, '.', '_' or '-'")
+    model_dir = store / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(store, name)
+    version_number(version)
+    final = model_dir / version
+    if final.exists():
+        raise ArtifactError(f"{final} already exists; artifacts are immutable, write a new version")
+
+    staging = model_dir / f".staging-{version}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            # TorchScript is the contract's format; torch's deprecation notice is not news here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(scripted_model, buffer)
+        _write(staging / MODEL_FILE, buffer.getvalue())
+        for rel, data in (report_files or {}).items():
+            target = staging / REPORT_DIR / rel
+            if not target.resolve().is_relative_to((staging / REPORT_DIR).resolve()):
+                raise ArtifactError(f"report file {rel!r} would land outside the report folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write(target, data)
+        files = {
+            p.relative_to(staging).as_posix(): sha256_file(p)
+            for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        full = {**manifest, "format_version": FORMAT_VERSION, "name": name, "version": version, "files": files}
+        missing = [f for f in REQUIRED_FIELDS if f not in full]
+        if missing:
+            raise ArtifactError(f"manifest lacks required fields: {missing}")
+        _write(staging / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=False).encode() + b"\n")
+        _fsync_dir(staging)
+        os.rename(staging, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
+        _fsync_dir(model_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Artifact(final, full)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def list_models(store: Path | str) -> list[str]:
+    store = Path(store)
+    if not store.is_dir():
+        return []
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+
+
+def list_versions(store: Path | str, name: str) -> list[str]:
+    """Complete (renamed-into-place) versions of a model, oldest first."""
+    model_dir = Path(store) / name
+    if not model_dir.is_dir():
+        return []
+    versions = [p.name for p in model_dir.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
+    return sorted(versions, key=version_number)
+
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path}: no {MANIFEST_FILE}; not an artifact, or an incomplete one")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path}: expected a JSON object")
+    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
+    if missing:
+        raise ArtifactError(f"{manifest_path}: missing required fields {missing}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: format_version {manifest['format_version']!r}, this code reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def verify(path: Path | str) -> dict[str, Any]:
+    """Checks that the artifact at `path` is complete and untampered; returns its manifest.
+
+    Every file the manifest lists must exist with its recorded sha256, and no other file
+    may be present: an added file is as suspicious as a changed one.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        raise ArtifactError(f"{path}: manifest lists no {MODEL_FILE}")
+    for rel, expected in files.items():
+        target = path / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise ArtifactError(f"{path}: manifest names a file outside the artifact: {rel!r}")
+        if not target.is_file():
+            raise ArtifactError(f"{path}: {rel} is missing (the artifact is incomplete)")
+        actual = sha256_file(target)
+        if actual != expected:
+            raise ArtifactError(
+                f"{path}: {rel} has sha256 {actual[:12]}…, manifest says {expected[:12]}… "
+                "(the file was changed after the artifact was written)"
+            )
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    extra = sorted(present - set(files) - {MANIFEST_FILE})
+    if extra:
+        raise ArtifactError(f"{path}: files not listed in the manifest: {extra}")
+    return manifest
+
+
+def load(path: Path | str, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, Artifact]:
+    """Verifies the artifact, then loads its TorchScript model onto `device` in eval mode.
+
+    The model is loaded from the very bytes whose hash was checked, so the file cannot be
+    swapped between verification and loading."""
+    path = Path(path)
+    manifest = verify(path)
+    data = (path / MODEL_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["files"][MODEL_FILE]:
+        raise ArtifactError(f"{path}: {MODEL_FILE} changed while it was being loaded")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(io.BytesIO(data), map_location=device)
+    except Exception as exc:  # torch raises RuntimeError and friends for corrupt archives
+        raise ArtifactError(f"{path}: {MODEL_FILE} is not a loadable TorchScript model ({exc})") from exc
+    model.eval()
+    for method in ("encode", "decode"):
+        if not hasattr(model, method):
+            raise ArtifactError(f"{path}: the TorchScript model has no {method}() method")
+    return model, Artifact(path, manifest)
+
+
+def resolve(store: Path | str, name: str, version: str | None = None) -> Path:
+    """The directory of `name` at `version`, or at its latest version when none is given."""
+    versions = list_versions(store, name)
+    if not versions:
+        raise ArtifactError(f"no versions of model {name!r} in {store}")
+    if version is None:
+        return Path(store) / name / versions[-1]
+    if version not in versions:
+        raise ArtifactError(f"model {name!r} has no version {version!r}; available: {versions}")
+    return Path(store) / name / version

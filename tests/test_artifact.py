@@ -1,0 +1,128 @@
+"""The artifact contract: atomic writes, verification before loading, clear refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from service import artifact
+from tests.conftest import make_artifact
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Path:
+    make_artifact(tmp_path, "m", latent_dim=4)
+    return tmp_path
+
+
+def test_round_trip_and_contract(store: Path) -> None:
+    model, art = artifact.load(store / "m" / "v1")
+    assert art.name == "m" and art.version == "v1" and art.latent_dim == 4
+    for batch in (1, 7, 2000):
+        x = torch.rand(batch, 1, 28, 28)
+        mu, sigma = model.encode(x)
+        assert mu.shape == sigma.shape == (batch, 4)
+        assert (sigma > 0).all()
+        images = model.decode(mu)
+        assert images.shape == (batch, 1, 28, 28) and images.dtype == torch.float32
+        assert 0 <= float(images.min()) and float(images.max()) <= 1
+        torch.testing.assert_close(model(x), images)  # forward(x) = decode(mu)
+
+
+def test_versions_increase_and_latest_resolves(store: Path) -> None:
+    make_artifact(store, "m", latent_dim=4, seed=1)
+    assert artifact.list_versions(store, "m") == ["v1", "v2"]
+    assert artifact.resolve(store, "m") == store / "m" / "v2"
+    assert artifact.resolve(store, "m", "v1") == store / "m" / "v1"
+    with pytest.raises(artifact.ArtifactError, match="no version 'v9'"):
+        artifact.resolve(store, "m", "v9")
+
+
+def test_versions_sort_numerically(tmp_path: Path) -> None:
+    for v in ("v2", "v10", "v9"):
+        make_artifact(tmp_path, "m", latent_dim=2, version=v)
+    assert artifact.list_versions(tmp_path, "m") == ["v2", "v9", "v10"]
+
+
+def test_existing_version_is_never_overwritten(store: Path) -> None:
+    with pytest.raises(artifact.ArtifactError, match="already exists"):
+        make_artifact(store, "m", latent_dim=4, version="v1")
+
+
+def test_staging_directories_are_invisible(store: Path) -> None:
+    (store / "m" / ".staging-v2-deadbeef").mkdir()
+    assert artifact.list_versions(store, "m") == ["v1"]
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "_fsync_dir", boom)
+    with pytest.raises(OSError, match="disk full"):
+        make_artifact(tmp_path, "m", latent_dim=2)
+    assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_tampered_model_is_refused(store: Path) -> None:
+    path = store / "m" / "v1"
+    data = bytearray((path / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(artifact.ArtifactError, match=r"model.pt has sha256 .* manifest says .*changed after"):
+        artifact.load(path)
+
+
+def test_missing_file_is_refused(store: Path) -> None:
+    (store / "m" / "v1" / "model.pt").unlink()
+    with pytest.raises(artifact.ArtifactError, match="model.pt is missing"):
+        artifact.verify(store / "m" / "v1")
+
+
+def test_extra_file_is_refused(store: Path) -> None:
+    (store / "m" / "v1" / "evil.py").write_text("print('hi')")
+    with pytest.raises(artifact.ArtifactError, match=r"not listed in the manifest: \['evil.py'\]"):
+        artifact.verify(store / "m" / "v1")
+
+
+def test_missing_manifest_is_refused(store: Path) -> None:
+    (store / "m" / "v1" / "manifest.json").unlink()
+    with pytest.raises(artifact.ArtifactError, match="no manifest.json"):
+        artifact.load(store / "m" / "v1")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+     ('{"name": "m"}', "missing required fields")],
+)
+def test_malformed_manifest_is_refused(store: Path, content: str, message: str) -> None:
+    (store / "m" / "v1" / "manifest.json").write_text(content)
+    with pytest.raises(artifact.ArtifactError, match=message):
+        artifact.verify(store / "m" / "v1")
+
+
+def test_manifest_cannot_point_outside(store: Path) -> None:
+    path = store / "m" / "v1"
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["../../etc/passwd"] = "0" * 64
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(artifact.ArtifactError, match="outside the artifact"):
+        artifact.verify(path)
+
+
+def test_future_format_is_refused(store: Path) -> None:
+    path = store / "m" / "v1"
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(artifact.ArtifactError, match="format_version 99"):
+        artifact.verify(path)
+
+
+def test_bad_names_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(artifact.ArtifactError, match="bad model name"):
+        make_artifact(tmp_path, "../escape", latent_dim=2)

@@ -33,8 +33,16 @@ MANIFEST_FILE = "manifest.json"
 REPORT_DIR = "report"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d{1,9})$")
-REQUIRED_FIELDS = ("format_version", "name", "version", "created_at", "image_shape", "latent_dim",
-                   "likelihood", "files")
+REQUIRED_FIELDS = (
+    "format_version",
+    "name",
+    "version",
+    "created_at",
+    "image_shape",
+    "latent_dim",
+    "likelihood",
+    "files",
+)
 
 
 class ArtifactError(Exception):
@@ -123,9 +131,16 @@ def write_artifact(
             _write(target, data)
         files = {
             p.relative_to(staging).as_posix(): sha256_file(p)
-            for p in sorted(staging.rglob("*")) if p.is_file()
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
         }
-        full = {**manifest, "format_version": FORMAT_VERSION, "name": name, "version": version, "files": files}
+        full = {
+            **manifest,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "version": version,
+            "files": files,
+        }
         missing = [f for f in REQUIRED_FIELDS if f not in full]
         if missing:
             raise ArtifactError(f"manifest lacks required fields: {missing}")
@@ -189,7 +204,8 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
         raise ArtifactError(f"{manifest_path}: missing required fields {missing}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ArtifactError(
-            f"{manifest_path}: format_version {manifest['format_version']!r}, this code reads {FORMAT_VERSION}"
+            f"{manifest_path}: format_version {manifest['format_version']!r}, "
+            f"this code reads {FORMAT_VERSION}"
         )
     return manifest
 

@@ -13,14 +13,17 @@ from trainer.model import VAE, VAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
-HAS_MNIST = (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file() or (MNIST_DIR / "t10k-images-idx3-ubyte").is_file()
+HAS_MNIST = (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file() or (
+    MNIST_DIR / "t10k-images-idx3-ubyte"
+).is_file()
 SHIPPED_STORE = ROOT / "model_store"
 
 needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason=f"real MNIST not found in {MNIST_DIR}")
 
 
-def make_artifact(store: Path, name: str, latent_dim: int, seed: int = 0, version: str | None = None,
-                  **manifest_extra) -> artifact.Artifact:
+def make_artifact(
+    store: Path, name: str, latent_dim: int, seed: int = 0, version: str | None = None, **manifest_extra
+) -> artifact.Artifact:
     """An untrained (randomly initialised) but fully valid artifact: fast, and enough to test
     everything that does not depend on what the model learned."""
     torch.manual_seed(seed)

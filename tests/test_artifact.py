@@ -28,7 +28,7 @@ def test_round_trip_and_contract(store: Path) -> None:
         assert (sigma > 0).all()
         images = model.decode(mu)
         assert images.shape == (batch, 1, 28, 28) and images.dtype == torch.float32
-        assert 0 <= float(images.min()) and float(images.max()) <= 1
+        assert float(images.min()) >= 0 and float(images.max()) <= 1
         torch.testing.assert_close(model(x), images)  # forward(x) = decode(mu)
 
 
@@ -78,7 +78,7 @@ def test_tampered_model_is_refused(store: Path) -> None:
 
 def test_missing_file_is_refused(store: Path) -> None:
     (store / "m" / "v1" / "model.pt").unlink()
-    with pytest.raises(artifact.ArtifactError, match="model.pt is missing"):
+    with pytest.raises(artifact.ArtifactError, match=r"model\.pt is missing"):
         artifact.verify(store / "m" / "v1")
 
 
@@ -90,14 +90,17 @@ def test_extra_file_is_refused(store: Path) -> None:
 
 def test_missing_manifest_is_refused(store: Path) -> None:
     (store / "m" / "v1" / "manifest.json").unlink()
-    with pytest.raises(artifact.ArtifactError, match="no manifest.json"):
+    with pytest.raises(artifact.ArtifactError, match=r"no manifest\.json"):
         artifact.load(store / "m" / "v1")
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
-     ('{"name": "m"}', "missing required fields")],
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"name": "m"}', "missing required fields"),
+    ],
 )
 def test_malformed_manifest_is_refused(store: Path, content: str, message: str) -> None:
     (store / "m" / "v1" / "manifest.json").write_text(content)

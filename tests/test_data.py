@@ -68,7 +68,7 @@ def test_corrupt_gzip_is_reported(tmp_path: Path) -> None:
     write_dataset(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(data.DatasetError, match="train-images-idx3-ubyte.gz: corrupt or truncated gzip"):
+    with pytest.raises(data.DatasetError, match=r"train-images-idx3-ubyte\.gz: corrupt or truncated gzip"):
         data.load_split(tmp_path, "train")
 
 
@@ -97,8 +97,11 @@ def test_download_tries_mirrors_and_verifies(tmp_path: Path, monkeypatch: pytest
     md5 we register as the known one, so the checksum path is exercised end to end."""
     (tmp_path / "src").mkdir()
     write_dataset(tmp_path / "src")
-    contents = {stem: gzip.decompress((tmp_path / "src" / f"{stem}.gz").read_bytes())
-                for split in data.SPLIT_FILES.values() for stem in split}
+    contents = {
+        stem: gzip.decompress((tmp_path / "src" / f"{stem}.gz").read_bytes())
+        for split in data.SPLIT_FILES.values()
+        for stem in split
+    }
     monkeypatch.setitem(data.KNOWN_MD5, "toy", {s: hashlib.md5(c).hexdigest() for s, c in contents.items()})
     monkeypatch.setitem(data.MIRRORS, "toy", ["https://bad.example/", "https://good.example/"])
     requested = []
@@ -119,8 +122,11 @@ def test_download_tries_mirrors_and_verifies(tmp_path: Path, monkeypatch: pytest
 
 def test_download_rejects_bad_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(data.MIRRORS, "mnist", ["https://evil.example/"])
-    monkeypatch.setattr(data.urllib.request, "urlopen",
-                        lambda url, timeout: io.BytesIO(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x00")))
+    monkeypatch.setattr(
+        data.urllib.request,
+        "urlopen",
+        lambda url, timeout: io.BytesIO(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x00")),
+    )
     with pytest.raises(data.DatasetError, match="checksum mismatch"):
         data.download("mnist", tmp_path)
 

@@ -28,18 +28,50 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def tiny_config(data_dir: Path, epochs: int = 2, **kw) -> TrainConfig:
-    return TrainConfig(dataset="synthetic", data_dir=str(data_dir), epochs=epochs, batch_size=50,
-                       kl_warmup_epochs=1, model=TINY, device="cpu", **kw)
+    return TrainConfig(
+        dataset="synthetic",
+        data_dir=str(data_dir),
+        epochs=epochs,
+        batch_size=50,
+        kl_warmup_epochs=1,
+        model=TINY,
+        device="cpu",
+        **kw,
+    )
 
 
 def test_cli_trains_evaluates_and_writes_a_loadable_artifact(data_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    result = CliRunner().invoke(cli.app, [
-        "--name", "toy", "--dataset", "synthetic", "--data-dir", str(data_dir), "--epochs", "2",
-        "--batch-size", "50", "--latent-dim", "3", "--channels", "8", "--hidden", "32",
-        "--device", "cpu", "--out", str(store), "--workdir", str(tmp_path / "work"), "--iwae-k", "20",
-        "--no-progress",
-    ])
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "--name",
+            "toy",
+            "--dataset",
+            "synthetic",
+            "--data-dir",
+            str(data_dir),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "50",
+            "--latent-dim",
+            "3",
+            "--channels",
+            "8",
+            "--hidden",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(store),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--iwae-k",
+            "20",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     path = store / "toy" / "v1"
     model, art = artifact.load(path)
@@ -52,8 +84,16 @@ def test_cli_trains_evaluates_and_writes_a_loadable_artifact(data_dir: Path, tmp
     assert abs(test["neg_elbo"] - test["reconstruction"] - test["kl"]) < 1e-3
     assert m["training"]["epochs"] == 2 and len(m["training"]["history"]) == 2
     assert {"torch", "numpy", "python"} <= set(m["libraries"])
-    for name in ("loss_curves.png", "prior_samples.png", "reconstructions.png", "latent_map.png",
-                 "interpolation.png", "kl_per_dim.png", "model_card.md", "latent_map.json"):
+    for name in (
+        "loss_curves.png",
+        "prior_samples.png",
+        "reconstructions.png",
+        "latent_map.png",
+        "interpolation.png",
+        "kl_per_dim.png",
+        "model_card.md",
+        "latent_map.json",
+    ):
         assert f"report/{name}" in m["files"], name
         assert (path / "report" / name).stat().st_size > 0
     assert (path / "report" / "prior_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -65,12 +105,36 @@ def test_cli_trains_evaluates_and_writes_a_loadable_artifact(data_dir: Path, tmp
     assert mu.shape == (5, 3) and (sigma > 0).all()
 
     # A second run of the same command resumes the finished checkpoint and writes v2.
-    again = CliRunner().invoke(cli.app, [
-        "--name", "toy", "--dataset", "synthetic", "--data-dir", str(data_dir), "--epochs", "2",
-        "--batch-size", "50", "--latent-dim", "3", "--channels", "8", "--hidden", "32",
-        "--device", "cpu", "--out", str(store), "--workdir", str(tmp_path / "work"), "--iwae-k", "0",
-        "--no-progress",
-    ])
+    again = CliRunner().invoke(
+        cli.app,
+        [
+            "--name",
+            "toy",
+            "--dataset",
+            "synthetic",
+            "--data-dir",
+            str(data_dir),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "50",
+            "--latent-dim",
+            "3",
+            "--channels",
+            "8",
+            "--hidden",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(store),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--iwae-k",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert again.exit_code == 0, again.output
     assert artifact.list_versions(store, "toy") == ["v1", "v2"]
 
@@ -90,8 +154,9 @@ def test_same_seed_same_weights(data_dir: Path, tmp_path: Path) -> None:
     assert not torch.equal(a.decoder.net[0].weight, c.decoder.net[0].weight)
 
 
-def test_interrupt_leaves_a_checkpoint_and_resume_is_exact(data_dir: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_leaves_a_checkpoint_and_resume_is_exact(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reference, ref_state = train(tiny_config(data_dir, epochs=3), tmp_path / "ref", progress=False)
 
     calls = {"n": 0}
@@ -125,8 +190,17 @@ def test_resume_refuses_a_different_config(data_dir: Path, tmp_path: Path) -> No
 
 @needs_mnist
 def test_trains_on_real_mnist_digits(tmp_path: Path) -> None:
-    cfg = TrainConfig(dataset="mnist", data_dir=str(MNIST_DIR), epochs=2, batch_size=100, model=TINY,
-                      limit_train=500, limit_test=200, kl_warmup_epochs=1, device="cpu")
+    cfg = TrainConfig(
+        dataset="mnist",
+        data_dir=str(MNIST_DIR),
+        epochs=2,
+        batch_size=100,
+        model=TINY,
+        limit_train=500,
+        limit_test=200,
+        kl_warmup_epochs=1,
+        device="cpu",
+    )
     _, state = train(cfg, tmp_path, progress=False)
     # Real digits are far from uniform noise: even a tiny model learns quickly.
     assert state.history[-1]["test_neg_elbo"] < state.history[0]["test_neg_elbo"] < 544.0

@@ -33,7 +33,9 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", default="../shared/data/mnist")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--warmup", type=float, default=3.0, help="KL warm-up epochs of the full recipe")
@@ -42,11 +44,18 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
 
-    base = TrainConfig(data_dir=args.data_dir, epochs=args.epochs, kl_warmup_epochs=args.warmup, device="cpu",
-                       model=VAEConfig(latent_dim=32, channels=32, hidden=512, blocks=0))
+    base = TrainConfig(
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        kl_warmup_epochs=args.warmup,
+        device="cpu",
+        model=VAEConfig(latent_dim=32, channels=32, hidden=512, blocks=0),
+    )
     test = torch.from_numpy(np.array(load_split(args.data_dir, "test", "mnist").images[: args.test_images]))
-    print(f"{args.epochs} epochs on the full training set; metrics on {len(test)} test images, "
-          f"IWAE k={args.iwae_k}\n")
+    print(
+        f"{args.epochs} epochs on the full training set; metrics on {len(test)} test images, "
+        f"IWAE k={args.iwae_k}\n"
+    )
     print("| variant | train -ELBO | test -ELBO | IWAE NLL | active units | minutes |")
     print("|---|---|---|---|---|---|")
     for name in args.variants:
@@ -55,8 +64,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as workdir:
             model, state = train(cfg, Path(workdir), resume=False, progress=False)
         m = evaluate(model, test, iwae_k=args.iwae_k)
-        print(f"| {name} | {state.history[-1]['loss']:.2f} | {m.neg_elbo:.2f} | {m.iwae_nll:.2f} | "
-              f"{m.active_units} | {(time.perf_counter() - started) / 60:.1f} |", flush=True)
+        print(
+            f"| {name} | {state.history[-1]['loss']:.2f} | {m.neg_elbo:.2f} | {m.iwae_nll:.2f} | "
+            f"{m.active_units} | {(time.perf_counter() - started) / 60:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,20 @@ class DigitClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14x14
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 7x7
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 14x14
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 7x7
             nn.Flatten(),
             nn.Dropout(0.3),
-            nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+            nn.Linear(64 * 7 * 7, 128),
+            nn.ReLU(),
             nn.Dropout(0.3),
             nn.Linear(128, 10),
         )
@@ -51,8 +58,9 @@ def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 2) -> T
     return out
 
 
-def train_classifier(images_u8: np.ndarray, labels: np.ndarray, epochs: int = 4, seed: int = 0,
-                     batch_size: int = 128) -> DigitClassifier:
+def train_classifier(
+    images_u8: np.ndarray, labels: np.ndarray, epochs: int = 4, seed: int = 0, batch_size: int = 128
+) -> DigitClassifier:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = DigitClassifier()
@@ -82,8 +90,9 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, epochs: int = 4,
 def predict(model: DigitClassifier, images: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
     """(labels, confidences) for float images [B, 1, 28, 28] in [0, 1]."""
     model.eval()
-    probs = torch.cat([F.softmax(model(images[s : s + batch_size]), dim=1)
-                       for s in range(0, len(images), batch_size)])
+    probs = torch.cat(
+        [F.softmax(model(images[s : s + batch_size]), dim=1) for s in range(0, len(images), batch_size)]
+    )
     confidence, label = probs.max(dim=1)
     return label, confidence
 

@@ -25,8 +25,18 @@ from trainer.train import TrainConfig, resolve_device, train
 
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                      "Sneaker", "Bag", "Ankle boot"],
+    "fashion-mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
 }
 REPO_STORE = Path(__file__).resolve().parents[1] / "model_store"
 
@@ -36,8 +46,12 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def main(
     name: Annotated[str, typer.Option(help="model name in the store, e.g. mnist")] = "mnist",
-    dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, or a label for any IDX directory")] = "mnist",
-    data_dir: Annotated[Path, typer.Option(help="directory with the four IDX files")] = Path("../shared/data/mnist"),
+    dataset: Annotated[
+        str, typer.Option(help="mnist, fashion-mnist, or a label for any IDX directory")
+    ] = "mnist",
+    data_dir: Annotated[Path, typer.Option(help="directory with the four IDX files")] = Path(
+        "../shared/data/mnist"
+    ),
     download: Annotated[bool, typer.Option(help="download a known dataset into --data-dir first")] = False,
     epochs: int = 130,
     batch_size: int = 128,
@@ -63,14 +77,30 @@ def main(
     if download:
         data.download(dataset, data_dir)
     cfg = TrainConfig(
-        dataset=dataset, data_dir=str(data_dir), epochs=epochs, batch_size=batch_size, lr=lr,
-        kl_warmup_epochs=kl_warmup_epochs, free_bits=free_bits,
+        dataset=dataset,
+        data_dir=str(data_dir),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        kl_warmup_epochs=kl_warmup_epochs,
+        free_bits=free_bits,
         model=VAEConfig(latent_dim=latent_dim, channels=channels, hidden=hidden, blocks=blocks),
-        limit_train=limit_train, limit_test=limit_test, seed=seed, device=device, threads=threads,
+        limit_train=limit_train,
+        limit_test=limit_test,
+        seed=seed,
+        device=device,
+        threads=threads,
     )
     try:
-        written = run(cfg, name=name, store=out, workdir=workdir or Path("runs") / name, resume=resume,
-                      iwae_k=iwae_k, progress=progress)
+        written = run(
+            cfg,
+            name=name,
+            store=out,
+            workdir=workdir or Path("runs") / name,
+            resume=resume,
+            iwae_k=iwae_k,
+            progress=progress,
+        )
     except data.DatasetError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -79,8 +109,15 @@ def main(
     typer.echo(f"wrote {written.path}")
 
 
-def run(cfg: TrainConfig, name: str, store: Path, workdir: Path, resume: bool = True,
-        iwae_k: int = 1000, progress: bool = True) -> artifact.Artifact:
+def run(
+    cfg: TrainConfig,
+    name: str,
+    store: Path,
+    workdir: Path,
+    resume: bool = True,
+    iwae_k: int = 1000,
+    progress: bool = True,
+) -> artifact.Artifact:
     known = cfg.dataset if cfg.dataset in data.KNOWN_MD5 else None
     fingerprint = data.dataset_fingerprint(cfg.data_dir)
     model, state = train(cfg, workdir, resume=resume, progress=progress)
@@ -104,8 +141,13 @@ def run(cfg: TrainConfig, name: str, store: Path, workdir: Path, resume: bool = 
     manifest = {
         "created_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         "description": "Convolutional VAE: Gaussian posterior, N(0, I) prior, Bernoulli pixels",
-        "dataset": {"name": cfg.dataset, "sha256": fingerprint, "train_images": train_count,
-                    "test_images": len(test_u8), "class_names": class_names},
+        "dataset": {
+            "name": cfg.dataset,
+            "sha256": fingerprint,
+            "train_images": train_count,
+            "test_images": len(test_u8),
+            "class_names": class_names,
+        },
         "image_shape": [1, 28, 28],
         "input_range": [0.0, 1.0],
         "latent_dim": cfg.model.latent_dim,
@@ -124,7 +166,9 @@ def run(cfg: TrainConfig, name: str, store: Path, workdir: Path, resume: bool = 
             "sample_quality_how": (
                 "A CNN trained on MNIST (trainer/classifier.py) classifies decode(z), z ~ N(0, I), and "
                 "decode(mu(x)) for every grey test image x."
-            ) if quality else None,
+            )
+            if quality
+            else None,
         },
         "training": {
             "config": asdict(cfg),
@@ -132,14 +176,22 @@ def run(cfg: TrainConfig, name: str, store: Path, workdir: Path, resume: bool = 
             "wall_time_s": round(state.wall_time_s, 1),
             "device": str(resolve_device(cfg.device)),
             "threads": torch.get_num_threads(),
-            "history": [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-                        for row in state.history],
+            "history": [
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+                for row in state.history
+            ],
         },
-        "libraries": {"python": platform.python_version(), "torch": torch.__version__,
-                      "numpy": np.__version__, "platform": platform.platform()},
-        "report": {"model_card": "report/model_card.md",
-                   "figures": {f"report/{k}": v for k, v in FIGURES.items() if k in figures},
-                   "latent_map_data": "report/latent_map.json"},
+        "libraries": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+        },
+        "report": {
+            "model_card": "report/model_card.md",
+            "figures": {f"report/{k}": v for k, v in FIGURES.items() if k in figures},
+            "latent_map_data": "report/latent_map.json",
+        },
     }
     captions = {k: v for k, v in FIGURES.items() if k in figures}
     if "manifold.png" in figures:

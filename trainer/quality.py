@@ -10,8 +10,15 @@ from trainer.model import VAE
 
 
 @torch.no_grad()
-def sample_quality(model: VAE, judge: DigitClassifier, test_images: torch.Tensor, test_labels: np.ndarray,
-                   samples: int = 5000, confidence_threshold: float = 0.9, seed: int = 0) -> dict:
+def sample_quality(
+    model: VAE,
+    judge: DigitClassifier,
+    test_images: torch.Tensor,
+    test_labels: np.ndarray,
+    samples: int = 5000,
+    confidence_threshold: float = 0.9,
+    seed: int = 0,
+) -> dict:
     """Prior samples at temperature 1 and reconstructions of the test set, classified.
 
     test_images are float [N, 1, 28, 28] in [0, 1]: the grey digits a client would send,

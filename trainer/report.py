@@ -46,7 +46,9 @@ def image_grid(images: Tensor, cols: int, pad: int = 2) -> np.ndarray:
     grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.float32)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            img
+        )
     return grid
 
 
@@ -126,8 +128,14 @@ def kl_per_dim(kl_dims: np.ndarray) -> bytes:
 
 
 @torch.no_grad()
-def build_report(model: VAE, history: list[dict], test_images: Tensor, test_labels: np.ndarray,
-                 class_names: list[str], seed: int = 0) -> tuple[dict[str, bytes], dict]:
+def build_report(
+    model: VAE,
+    history: list[dict],
+    test_images: Tensor,
+    test_labels: np.ndarray,
+    class_names: list[str],
+    seed: int = 0,
+) -> tuple[dict[str, bytes], dict]:
     """Renders every figure; returns {file name: bytes} and the latent-map data.
 
     `test_images` are float [N, 1, 28, 28] in [0, 1] (grey, as a client would send)."""
@@ -137,8 +145,9 @@ def build_report(model: VAE, history: list[dict], test_images: Tensor, test_labe
     files["loss_curves.png"] = loss_curves(history)
 
     z = torch.randn(100, model.cfg.latent_dim, generator=generator)
-    files["prior_samples.png"] = _grid_figure(image_grid(torch.sigmoid(model.decoder(z)), 10),
-                                              "Decoded samples z ~ N(0, I), temperature 1")
+    files["prior_samples.png"] = _grid_figure(
+        image_grid(torch.sigmoid(model.decoder(z)), 10), "Decoded samples z ~ N(0, I), temperature 1"
+    )
 
     originals = test_images[:50]
     mu, _ = model.encoder(originals)
@@ -163,8 +172,9 @@ def build_report(model: VAE, history: list[dict], test_images: Tensor, test_labe
         za, zb = mu_all[firsts[a]], mu_all[firsts[b]]
         t = torch.linspace(0, 1, 10).unsqueeze(1)
         strips.append(torch.sigmoid(model.decoder((1 - t) * za + t * zb)))
-    files["interpolation.png"] = _grid_figure(image_grid(torch.cat(strips), 10),
-                                              "Straight lines in latent space between test digits")
+    files["interpolation.png"] = _grid_figure(
+        image_grid(torch.cat(strips), 10), "Straight lines in latent space between test digits"
+    )
     if model.cfg.latent_dim == 2:
         files["manifold.png"] = manifold(model)
 
@@ -172,11 +182,13 @@ def build_report(model: VAE, history: list[dict], test_images: Tensor, test_labe
     n_points = min(len(coords), 3000)
     latent_map_data = {
         "description": "posterior means of test digits; coords are the 2-D means (latent_dim 2) "
-                       "or their projection on the first two principal axes",
+        "or their projection on the first two principal axes",
         "projection": None if axes is None else {"axes": axes.round(6).tolist()},
         "class_names": class_names,
-        "points": [[round(float(x), 4), round(float(y), 4), int(lbl)]
-                   for (x, y), lbl in zip(coords[:n_points], test_labels[:n_points], strict=True)],
+        "points": [
+            [round(float(x), 4), round(float(y), 4), int(lbl)]
+            for (x, y), lbl in zip(coords[:n_points], test_labels[:n_points], strict=True)
+        ],
     }
     files["latent_map.json"] = json.dumps(latent_map_data, separators=(",", ":")).encode()
     return files, latent_map_data
@@ -215,7 +227,8 @@ def model_card(manifest: dict, figures: dict[str, str]) -> str:
         "| metric | value |",
         "|---|---|",
         f"| IWAE NLL, k = {m['iwae_k']} (−log p(x), upper bound) | {m['iwae_nll']:.2f} nats |"
-        if m.get("iwae_nll") is not None else "| IWAE NLL | not computed |",
+        if m.get("iwae_nll") is not None
+        else "| IWAE NLL | not computed |",
         f"| negative ELBO | {m['neg_elbo']:.2f} nats |",
         f"| reconstruction term E_q[−log p(x∣z)] | {m['reconstruction']:.2f} nats |",
         f"| KL(q(z∣x) ‖ N(0, I)) | {m['kl']:.2f} nats |",

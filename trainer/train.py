@@ -82,8 +82,14 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return final + (cfg.lr - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(path: Path, model: VAE, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    state: TrainState, generator: torch.Generator) -> None:
+def save_checkpoint(
+    path: Path,
+    model: VAE,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    state: TrainState,
+    generator: torch.Generator,
+) -> None:
     payload = {
         "config": asdict(cfg),
         "model": model.state_dict(),
@@ -98,7 +104,9 @@ def save_checkpoint(path: Path, model: VAE, opt: torch.optim.Optimizer, cfg: Tra
     os.replace(tmp, path)  # atomic: an interrupt never leaves a half-written checkpoint
 
 
-def train(cfg: TrainConfig, workdir: Path, resume: bool = True, progress: bool = True) -> tuple[VAE, TrainState]:
+def train(
+    cfg: TrainConfig, workdir: Path, resume: bool = True, progress: bool = True
+) -> tuple[VAE, TrainState]:
     """Trains (or resumes) in `workdir`, writing `checkpoint.pt` after every epoch.
     On Ctrl-C the last completed epoch's checkpoint is kept and KeyboardInterrupt re-raised."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,8 +153,13 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = True, progress: bool =
             model.train()
             order = torch.randperm(n, generator=generator)
             sums = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
-                       disable=not progress, leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+                disable=not progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
             for i in bar:
                 step = state.epoch * steps_per_epoch + i
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
@@ -173,13 +186,22 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = True, progress: bool =
                 sums["reconstruction"] += rec.item()
                 sums["kl"] += kl.item()
                 if i % 20 == 0:
-                    bar.set_postfix(neg_elbo=f"{(rec + kl).item():.2f}", rec=f"{rec.item():.2f}",
-                                    kl=f"{kl.item():.2f}", beta=f"{beta:.2f}")
+                    bar.set_postfix(
+                        neg_elbo=f"{(rec + kl).item():.2f}",
+                        rec=f"{rec.item():.2f}",
+                        kl=f"{kl.item():.2f}",
+                        beta=f"{beta:.2f}",
+                    )
             bar.close()
             state.wall_time_s += time.perf_counter() - started
             row = {k: v / steps_per_epoch for k, v in sums.items()}
-            row.update(epoch=state.epoch + 1, kl_weight=beta, lr=opt.param_groups[0]["lr"],
-                       test_neg_elbo=test_neg_elbo(model, test_x), wall_time_s=state.wall_time_s)
+            row.update(
+                epoch=state.epoch + 1,
+                kl_weight=beta,
+                lr=opt.param_groups[0]["lr"],
+                test_neg_elbo=test_neg_elbo(model, test_x),
+                wall_time_s=state.wall_time_s,
+            )
             state.history.append(row)
             state.epoch += 1
             save_checkpoint(ckpt_path, model, opt, cfg, state, generator)
@@ -211,7 +233,11 @@ def test_neg_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> float:
     total = 0.0
     for s in range(0, len(x), batch_size):
         logits, mu, sigma = model(x[s : s + batch_size])
-        total += (reconstruction_nll(logits, x[s : s + batch_size]) + kl_to_standard_normal(mu, sigma).sum(1)).sum().item()
+        total += (
+            (reconstruction_nll(logits, x[s : s + batch_size]) + kl_to_standard_normal(mu, sigma).sum(1))
+            .sum()
+            .item()
+        )
     torch.set_rng_state(cpu_state)
     if cuda_state is not None:
         torch.cuda.set_rng_state_all(cuda_state)

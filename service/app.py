@@ -1,0 +1,111 @@
+"""The app factory: create_app(settings) -> a FastAPI app that loads its models at startup.
+
+uvicorn --factory service.app:create_app      (settings from VAE_* variables)
+vae-serve --port 8000                         (the same, with command-line options)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+
+from service import errors, routes
+from service.body_limit import BodyLimitMiddleware
+from service.inference import Inference
+from service.metrics import Metrics, RequestMetricsMiddleware
+from service.runtime import ModelRegistry, load_registry
+from service.settings import Settings
+from service.state import ServiceState
+
+log = logging.getLogger("service.app")
+
+TITLE = "VAE model service"
+VERSION = "0.1.0"
+DESCRIPTION = """Encode 28x28 digits into a variational autoencoder's latent space, decode latents into
+images, and draw new digits from the prior.
+
+Images may be sent as base64 PNG/JPEG (`{"images": [...]}`), as pixel arrays
+(`{"pixels": [B][28][28]}`), as multipart file uploads, or as one raw `image/png` /
+`image/jpeg` body. Errors are `application/problem+json` (RFC 9457).
+See docs/service.md for the preprocessing, limits and configuration."""
+
+
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    """A new app. Models load when its lifespan starts, unless `registry` is given
+    (vae-serve loads them first, so it can exit cleanly when none loads; tests pass doubles)."""
+    settings = settings or Settings()
+    state = ServiceState(settings=settings, metrics=Metrics(), registry=registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.registry is None:
+            state.registry = await run_in_threadpool(load_registry, settings)
+        for model in state.registry:
+            state.metrics.model_info.labels(
+                model.name, model.version, str(model.latent_dim), model.device
+            ).set(1)
+        state.inference = Inference(state.metrics, settings.inference_threads)
+        state.ready = True
+        state.metrics.ready.set(1)
+        log.info(
+            "ready: serving %s (default %s) with %d inference thread(s)",
+            ", ".join(f"{m.name} {m.version}" for m in state.registry),
+            state.registry.default,
+            settings.inference_threads,
+        )
+        try:
+            yield
+        finally:
+            # Not ready first, so load balancers stop sending work; then let running calls finish.
+            state.ready = False
+            state.metrics.ready.set(0)
+            await run_in_threadpool(state.inference.close)
+
+    app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.state.vae = state
+    errors.install(app)
+    app.include_router(routes.api)
+    app.include_router(routes.probes)
+    # add_middleware wraps what is already there: the last added runs first. CORS outermost,
+    # so that even a 413 carries the headers a browser needs to read it.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Accept", "Authorization", "X-API-Key"],
+            expose_headers=["X-Seed"],
+        )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _problem_json_errors(
+                get_openapi(title=TITLE, version=VERSION, description=DESCRIPTION, routes=app.routes)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _problem_json_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """Documents every error response as what it is: application/problem+json, one schema."""
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            for code, response in operation.get("responses", {}).items():
+                if str(code).isdigit() and int(code) >= 400:
+                    response["content"] = problem
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's default 422 shape, which we replace
+        components.pop(unused, None)
+    return schema

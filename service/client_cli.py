@@ -1,0 +1,173 @@
+"""vae-client: the command line on service.client.
+
+vae-client sample -n 16 --seed 1 -o grid.png
+vae-client encode digit.png [--json]
+vae-client decode '[[0.5, -1.0]]' --model mnist-2d -o out.png
+vae-client reconstruct in.png -o out.png
+vae-client models
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from service.client import DEFAULT_URL, VAEClient, VAEClientError, grid_image
+
+app = typer.Typer(help="Talk to a running vae-serve.", no_args_is_help=True, add_completion=False)
+
+Url = Annotated[str, typer.Option("--url", envvar="VAE_URL", help="The service's base URL.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="VAE_API_KEY", help="API key, if the server needs one.", show_default=False
+    ),
+]
+Model = Annotated[
+    str | None, typer.Option("--model", "-m", help="Model name; the server's default if left out.")
+]
+Output = Annotated[
+    Path, typer.Option("--output", "-o", help="PNG file to write (a grid for several images).")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+InvertOpt = Annotated[str, typer.Option("--invert", help="auto, true or false: invert dark-on-light images.")]
+
+
+def _client(url: str, api_key: str | None) -> VAEClient:
+    return VAEClient(url, api_key=api_key)
+
+
+def _fail(exc: VAEClientError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+def _invert(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("auto", "true", "false"):
+        return lowered if lowered == "auto" else lowered == "true"
+    raise typer.BadParameter(f"{value!r}: expected auto, true or false", param_hint="--invert")
+
+
+def _save(images: np.ndarray, output: Path) -> None:
+    grid_image(images).save(output, format="PNG")
+    typer.echo(f"wrote {len(images)} image(s) to {output}", err=True)
+
+
+@app.command()
+def sample(
+    n: Annotated[int, typer.Option("-n", "--n", help="How many images.")] = 16,
+    seed: Annotated[int | None, typer.Option(help="Seed; the same one gives the same images.")] = None,
+    temperature: Annotated[float, typer.Option(help="Scales the prior's standard deviation.")] = 1.0,
+    output: Output = Path("samples.png"),
+    model: Model = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Draw n images from the prior and save them as one PNG grid."""
+    try:
+        with _client(url, api_key) as client:
+            result = client.sample(n, seed=seed, temperature=temperature, model=model)
+    except VAEClientError as exc:
+        _fail(exc)
+    _save(result.images, output)
+    typer.echo(f"seed {result.seed} (model {result.model} {result.version})", err=True)
+
+
+@app.command()
+def encode(
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.", exists=True, dir_okay=False)],
+    as_json: AsJson = False,
+    invert: InvertOpt = "auto",
+    model: Model = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Encode images: the posterior mean and standard deviation, and the KL from the prior."""
+    try:
+        with _client(url, api_key) as client:
+            result = client.encode([str(p) for p in images], model=model, invert=_invert(invert))
+    except VAEClientError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "model": result.model,
+                    "version": result.version,
+                    "files": [str(p) for p in images],
+                    "mu": result.mu.tolist(),
+                    "sigma": result.sigma.tolist(),
+                    "kl": result.kl.tolist(),
+                }
+            )
+        )
+        return
+    for path, mu, sigma, kl in zip(images, result.mu, result.sigma, result.kl, strict=True):
+        typer.echo(f"{path}  (model {result.model} {result.version}, KL {kl:.2f} nats)")
+        typer.echo(f"  mu    {' '.join(f'{v:+.4f}' for v in mu)}")
+        typer.echo(f"  sigma {' '.join(f'{v:.4f}' for v in sigma)}")
+
+
+@app.command()
+def decode(
+    z: Annotated[str, typer.Argument(help="Latents as JSON, [[...], ...] or one [...]; '-' reads stdin.")],
+    output: Output = Path("decoded.png"),
+    model: Model = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Decode latent vectors into images, saved as one PNG grid."""
+    text = sys.stdin.read() if z == "-" else z
+    try:
+        latents = np.asarray(json.loads(text), dtype=np.float64)
+    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+        raise typer.BadParameter(f"not a JSON list of numbers ({exc})", param_hint="Z") from exc
+    try:
+        with _client(url, api_key) as client:
+            images = client.decode(latents, model=model)
+    except VAEClientError as exc:
+        _fail(exc)
+    _save(images, output)
+
+
+@app.command()
+def reconstruct(
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.", exists=True, dir_okay=False)],
+    output: Output = Path("reconstructed.png"),
+    invert: InvertOpt = "auto",
+    model: Model = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Encode and decode images (decode(mu)); the reconstructions are saved as one PNG grid."""
+    try:
+        with _client(url, api_key) as client:
+            result = client.reconstruct([str(p) for p in images], model=model, invert=_invert(invert))
+    except VAEClientError as exc:
+        _fail(exc)
+    _save(result.images, output)
+
+
+@app.command()
+def models(as_json: AsJson = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """List the models the server has loaded."""
+    try:
+        with _client(url, api_key) as client:
+            listed = client.models()
+    except VAEClientError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(listed, indent=2))
+        return
+    for info in listed:
+        mark = "*" if info.get("default") else " "
+        typer.echo(
+            f"{mark} {info['name']:<16} {info['version']:<6} latent_dim {info['latent_dim']:<4} "
+            f"{info['device']:<6} dataset {info.get('dataset') or '?'}"
+        )

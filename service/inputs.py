@@ -1,0 +1,213 @@
+"""Turns HTTP requests into model inputs: the "decode request" step before predicting.
+
+/encode and /reconstruct take images three ways (JSON, multipart uploads, or one raw
+PNG/JPEG body), so they read the body here rather than through a FastAPI body parameter.
+JSON parsing, validation and image decoding all run on worker threads: a large body must
+not stall the event loop for the other requests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import images
+from service.errors import InvalidLatents, InvalidRequest, TooManyItems, UnsupportedMediaType
+from service.schemas import ImageFormat, ImageRequest
+from service.settings import Settings
+
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg")
+ACCEPTED_FOR_IMAGES = "application/json, multipart/form-data, image/png or image/jpeg"
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    pixels: np.ndarray  # float32 [B, 28, 28] in [0, 1]
+    model: str | None
+    format: ImageFormat
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _is_json(kind: str) -> bool:
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def require_json(request: Request) -> None:
+    """For the JSON-only endpoints: anything but JSON is a 415, not a confusing 422."""
+    kind = media_type(request)
+    if not _is_json(kind):
+        shown = f"Content-Type {kind!r}" if kind else "no Content-Type"
+        raise UnsupportedMediaType(
+            f"the request has {shown}; {request.url.path} takes a JSON body: "
+            "send it with 'Content-Type: application/json'"
+        )
+
+
+def parse_invert(value: str | bool | None) -> bool | None:
+    """'auto' -> None (decide per image); true/false (or 1/0, yes/no) force it."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text == "auto":
+        return None
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise InvalidRequest(f"invert is {value!r}; expected auto, true or false")
+
+
+def _parse_json(body: bytes) -> Any:
+    # Python's json, unlike orjson, reads NaN and Infinity tokens (as many clients write
+    # them); they are then refused by the schemas with a message that says so.
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(
+            f'the body is not valid JSON ({exc}); expected an object such as {{"images": ["<base64 PNG>"]}}'
+        ) from exc
+
+
+def _validate_image_json(
+    body: bytes, settings: Settings, query_invert: bool | None
+) -> tuple[np.ndarray, ImageRequest]:
+    data = _parse_json(body)
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            f"the body is a JSON {type(data).__name__}; expected an object such as "
+            '{"images": ["<base64 PNG>"]} or {"pixels": [[[...28 floats] x 28]]}'
+        )
+    for key in ("images", "pixels"):
+        if isinstance(data.get(key), list):
+            _check_count(len(data[key]), settings)  # before validating: a huge array is not even looked at
+    try:
+        request = ImageRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            _with_body_loc(exc.errors(include_url=False, include_input=False))
+        ) from exc
+    invert = parse_invert(request.invert) if "invert" in request.model_fields_set else query_invert
+    if request.pixels is not None:
+        return images.check_pixels(request.pixels, invert), request
+    items = [
+        (f"images[{i}]", images.decode_base64(text, f"images[{i}]"))
+        for i, text in enumerate(request.images or [])
+    ]
+    return images.prepare_batch(items, invert, settings.max_image_pixels), request
+
+
+def _with_body_loc(errors: list[Any]) -> list[Any]:
+    return [{**err, "loc": ("body", *err.get("loc", ()))} for err in errors]
+
+
+def _check_count(count: int, settings: Settings) -> None:
+    if count > settings.max_images:
+        raise TooManyItems(
+            f"the request holds {count} images; at most {settings.max_images} are accepted per "
+            "request (VAE_MAX_IMAGES). Split it into several requests"
+        )
+
+
+async def _from_multipart(
+    request: Request, settings: Settings
+) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    try:
+        form = await request.form(max_files=settings.max_images, max_fields=64)
+    except StarletteHTTPException as exc:  # Starlette's multipart parser reports its limits as 400s
+        if "Too many files" in str(exc.detail):
+            raise TooManyItems(
+                f"the form holds more than {settings.max_images} files; at most "
+                f"{settings.max_images} images are accepted per request (VAE_MAX_IMAGES)"
+            ) from exc
+        raise InvalidRequest(
+            f"the multipart form could not be read ({exc.detail}); send images as file "
+            "fields, e.g. curl -F images=@digit.png"
+        ) from exc
+    uploads: list[tuple[str, bytes]] = []
+    fields: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            uploads.append((f"upload {len(uploads)} ({value.filename or key})", await value.read()))
+        else:
+            fields[key] = value
+    if not uploads:
+        raise InvalidRequest(
+            "the multipart form holds no files; attach images as file fields, e.g. curl -F images=@digit.png"
+        )
+    _check_count(len(uploads), settings)
+    return uploads, fields
+
+
+async def image_input(
+    request: Request,
+    model: Annotated[
+        str | None, Query(description="A loaded model's name; the default when left out.")
+    ] = None,
+    invert: Annotated[str | None, Query(description="auto, true or false; see the `invert` field.")] = None,
+    format: Annotated[ImageFormat | None, Query(description="png or array; see the `format` field.")] = None,
+) -> ImageInput:
+    """The images of an /encode or /reconstruct request, fitted and stacked, float32 [B, 28, 28]."""
+    settings: Settings = request.app.state.vae.settings
+    query_invert = parse_invert(invert)
+    kind = media_type(request)
+    if _is_json(kind):
+        pixels, parsed = await run_in_threadpool(
+            _validate_image_json, await request.body(), settings, query_invert
+        )
+        fmt = parsed.format if "format" in parsed.model_fields_set else (format or "png")
+        return ImageInput(pixels, parsed.model or model, fmt)
+    if kind == "multipart/form-data":
+        uploads, fields = await _from_multipart(request, settings)
+        form_invert = parse_invert(fields["invert"]) if "invert" in fields else query_invert
+        form_format = fields.get("format", format or "png")
+        if form_format not in ("png", "array"):
+            raise InvalidRequest(f"format is {form_format!r}; expected png or array")
+        pixels = await run_in_threadpool(
+            images.prepare_batch, uploads, form_invert, settings.max_image_pixels
+        )
+        return ImageInput(pixels, fields.get("model") or model, form_format)  # type: ignore[arg-type]
+    if kind in IMAGE_MEDIA_TYPES:
+        body = await request.body()
+        pixels = await run_in_threadpool(
+            images.prepare_batch, [("the body", body)], query_invert, settings.max_image_pixels
+        )
+        return ImageInput(pixels, model, format or "png")
+    shown = f"Content-Type {kind!r}" if kind else "no Content-Type"
+    raise UnsupportedMediaType(f"the request has {shown}; {request.url.path} takes {ACCEPTED_FOR_IMAGES}")
+
+
+def latents(z: list[list[float]], latent_dim: int, model_name: str, settings: Settings) -> np.ndarray:
+    """Validated z rows -> float32 [B, latent_dim], or an error naming the expected dimension."""
+    if len(z) > settings.max_images:
+        raise TooManyItems(
+            f"z holds {len(z)} rows; at most {settings.max_images} are accepted per request "
+            "(VAE_MAX_IMAGES). Split it into several requests"
+        )
+    widths = {len(row) for row in z}
+    if widths != {latent_dim}:
+        bad = next(i for i, row in enumerate(z) if len(row) != latent_dim)
+        raise InvalidLatents(
+            f"z[{bad}] has {len(z[bad])} numbers; model {model_name!r} expects latent_dim "
+            f"{latent_dim}, so every row of z needs exactly {latent_dim} numbers"
+        )
+    with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
+        out = np.asarray(z, dtype=np.float32)
+    if not np.isfinite(out).all():  # finite doubles can overflow float32
+        where = "".join(f"[{i}]" for i in np.argwhere(~np.isfinite(out))[0])
+        raise InvalidLatents(
+            f"z{where} does not fit in a float32; latents must be finite numbers, "
+            "typically within a few units of 0"
+        )
+    return out

@@ -1,0 +1,95 @@
+"""Prometheus metrics, in a registry of their own per app (several apps in one test
+process must not share counters), and the ASGI middleware that counts requests."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "vae_http_requests_total",
+            "HTTP requests answered, by route and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "vae_http_request_duration_seconds",
+            "Time from request to the end of the response, by route.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("vae_http_requests_in_flight", "Requests being handled now.", registry=r)
+        self.inference = Histogram(
+            "vae_model_inference_seconds",
+            "Time a model call ran on its worker thread.",
+            ["model", "op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "vae_model_queue_seconds",
+            "Time a model call waited for a worker thread.",
+            ["model", "op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "vae_model_batch_size",
+            "Images or latents per model call.",
+            ["model", "op"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "vae_model_info",
+            "Loaded models (value 1).",
+            ["model", "version", "latent_dim", "device"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "vae_ready", "1 once the models are loaded and warmed up, 0 otherwise.", registry=r
+        )
+
+
+class RequestMetricsMiddleware:
+    """Counts every request by its route template (/models/{name}, not /models/tiny) so
+    that the number of time series stays bounded whatever paths clients try."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # if the app dies before answering, that is what the client gets
+        start = time.perf_counter()
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

@@ -1,0 +1,256 @@
+"""The endpoints. Each one reads its inputs (service.inputs), runs the model
+(service.inference) and shapes the answer (service.responses), and does nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import FiniteFloat
+from starlette.responses import Response
+
+from service import responses
+from service.auth import require_api_key
+from service.errors import TooManyItems
+from service.inference import Inference
+from service.inputs import ImageInput, image_input, latents, require_json
+from service.latents import MAX_SEED, random_seed
+from service.runtime import ModelRegistry
+from service.schemas import (
+    DecodeRequest,
+    DecodeResponse,
+    EncodeResponse,
+    Health,
+    ImageFormat,
+    ImageRequest,
+    ModelInfo,
+    ModelsResponse,
+    Problem,
+    Ready,
+    ReconstructResponse,
+    SampleRequest,
+    SampleResponse,
+)
+from service.state import ServiceState, get_state, serving
+
+Serving = Annotated[tuple[ModelRegistry, Inference], Depends(serving)]
+State = Annotated[ServiceState, Depends(get_state)]
+ModelQuery = Annotated[
+    str | None, Query(description="A loaded model's name; overridden by the body's `model`.")
+]
+FormatQuery = Annotated[
+    ImageFormat | None, Query(description="png or array; overridden by the body's `format`.")
+]
+
+PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JSON as below, or with `Accept: image/png` one PNG (a grid for several images).",
+    },
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": text}
+    for code, text in {
+        401: "Missing or wrong API key (only when VAE_API_KEY is set).",
+        404: "Unknown model.",
+        413: "Request body over VAE_MAX_BODY_BYTES.",
+        415: "Wrong Content-Type.",
+        422: "Invalid input; `detail` says what is wrong and what is expected.",
+        503: "Not ready: the models are loading or the server is stopping.",
+    }.items()
+}
+
+
+def _image_request_body() -> dict[str, Any]:
+    schema = ImageRequest.model_json_schema()
+    examples = {f"example {i + 1}": {"value": value} for i, value in enumerate(schema.pop("examples", []))}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema, "examples": examples},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "images": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "description": "One or more PNG/JPEG files (any field name works).",
+                            },
+                            "model": {"type": "string"},
+                            "invert": {"type": "string", "enum": ["auto", "true", "false"]},
+                            "format": {"type": "string", "enum": ["png", "array"]},
+                        },
+                        "required": ["images"],
+                    }
+                },
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
+
+
+IMAGE_REQUEST_BODY = _image_request_body()
+
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
+probes = APIRouter(tags=["operations"])
+
+
+@api.post(
+    "/encode",
+    response_model=EncodeResponse,
+    tags=["model"],
+    openapi_extra=IMAGE_REQUEST_BODY,
+    summary="Images -> posterior mean, standard deviation and KL",
+)
+async def encode(serving: Serving, inputs: Annotated[ImageInput, Depends(image_input)]) -> Response:
+    registry, inference = serving
+    model = registry.get(inputs.model)
+    mu, sigma = await inference.encode(model, inputs.pixels)
+    return responses.encoding(model, mu, sigma)
+
+
+@api.post(
+    "/reconstruct",
+    response_model=ReconstructResponse,
+    tags=["model"],
+    openapi_extra=IMAGE_REQUEST_BODY,
+    responses=PNG_RESPONSE,
+    summary="Images -> decode(mu), with mu and sigma",
+)
+async def reconstruct(
+    request: Request, serving: Serving, inputs: Annotated[ImageInput, Depends(image_input)]
+) -> Response:
+    registry, inference = serving
+    model = registry.get(inputs.model)
+    mu, sigma = await inference.encode(model, inputs.pixels)
+    x = await inference.decode(model, mu)
+    return await responses.reconstruction(request, model, x, mu, sigma, inputs.format)
+
+
+@api.post(
+    "/decode",
+    response_model=DecodeResponse,
+    tags=["model"],
+    responses=PNG_RESPONSE,
+    dependencies=[Depends(require_json)],
+    summary="Latent vectors -> images",
+)
+async def decode(
+    request: Request,
+    body: DecodeRequest,
+    serving: Serving,
+    state: State,
+    model: ModelQuery = None,
+    format: FormatQuery = None,
+) -> Response:
+    registry, inference = serving
+    runtime = registry.get(body.model or model)
+    z = latents(body.z, runtime.latent_dim, runtime.name, state.settings)
+    x = await inference.decode(runtime, z)
+    fmt = body.format if "format" in body.model_fields_set else (format or "png")
+    return await responses.decoded(request, runtime, x, fmt)
+
+
+@api.post(
+    "/sample",
+    response_model=SampleResponse,
+    tags=["model"],
+    responses=PNG_RESPONSE,
+    dependencies=[Depends(require_json)],
+    summary="Draw images from the prior",
+)
+async def sample(
+    request: Request,
+    body: SampleRequest,
+    serving: Serving,
+    state: State,
+    model: ModelQuery = None,
+    format: FormatQuery = None,
+) -> Response:
+    registry, inference = serving
+    runtime = registry.get(body.model or model)
+    _check_samples(body.n, state)
+    seed = random_seed() if body.seed is None else body.seed
+    z, x = await inference.sample(runtime, body.n, seed, body.temperature)
+    fmt = body.format if "format" in body.model_fields_set else (format or "png")
+    return await responses.samples(request, runtime, x, z, seed, body.temperature, fmt, body.return_latents)
+
+
+@api.get(
+    "/sample.png",
+    tags=["model"],
+    response_class=Response,
+    summary="A grid of samples as one PNG",
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "A PNG grid; header X-Seed holds the seed used.",
+        }
+    },
+)
+async def sample_png(
+    serving: Serving,
+    state: State,
+    n: Annotated[int, Query(ge=1, description="How many images.")] = 16,
+    seed: Annotated[int | None, Query(ge=0, le=MAX_SEED, description="Random when left out.")] = None,
+    temperature: Annotated[FiniteFloat, Query(gt=0.0, le=100.0)] = 1.0,
+    model: ModelQuery = None,
+) -> Response:
+    registry, inference = serving
+    runtime = registry.get(model)
+    _check_samples(n, state)
+    seed = random_seed() if seed is None else seed
+    _, x = await inference.sample(runtime, n, seed, temperature)
+    return await responses.png_response(x, {"X-Seed": str(seed)})
+
+
+def _check_samples(n: int, state: ServiceState) -> None:
+    limit = state.settings.max_samples
+    if n > limit:
+        raise TooManyItems(f"n is {n}; at most {limit} samples are drawn per request (VAE_MAX_SAMPLES)")
+
+
+@api.get("/models", response_model=ModelsResponse, tags=["models"], summary="The loaded models")
+async def list_models(serving: Serving) -> dict[str, Any]:
+    registry, _ = serving
+    return {
+        "default": registry.default,
+        "models": [responses.model_info(m, registry.default) for m in registry],
+    }
+
+
+@api.get("/models/{name}", response_model=ModelInfo, tags=["models"], summary="One loaded model")
+async def get_model(name: str, serving: Serving) -> dict[str, Any]:
+    registry, _ = serving
+    return responses.model_info(registry.get(name), registry.default)
+
+
+@api.get(
+    "/metrics",
+    tags=["operations"],
+    response_class=Response,
+    summary="Prometheus metrics",
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@probes.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@probes.get(
+    "/readyz",
+    response_model=Ready,
+    summary="Readiness: models loaded and warmed up",
+    responses={503: {"model": Problem, "description": "Starting or stopping."}},
+)
+async def readyz(serving: Serving) -> dict[str, Any]:
+    registry, _ = serving
+    return {"status": "ready", "models": [m.name for m in registry]}

@@ -1,0 +1,233 @@
+"""The models the service runs: a small interface, its TorchScript implementation, and the
+registry of what was loaded at startup.
+
+Routes never touch torch; they hand numpy arrays to a ModelRuntime (through
+service.inference, which moves the call off the event loop). Anything with the same two
+methods can stand in: a test double, or later a micro-batching layer that merges
+concurrent requests before calling the real model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from service import artifact
+from service.errors import UnknownModel
+from service.settings import Settings
+
+log = logging.getLogger("service.runtime")
+
+
+@runtime_checkable
+class ModelRuntime(Protocol):
+    """One loaded model. encode/decode take and return numpy float32 arrays and are called
+    from worker threads, possibly several at once."""
+
+    name: str
+    version: str
+    latent_dim: int
+    device: str
+    manifest: dict[str, Any]
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x [B, 28, 28] in [0, 1] -> (mu, sigma), each [B, latent_dim]."""
+        ...
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """z [B, latent_dim] -> Bernoulli means [B, 28, 28] in [0, 1]."""
+        ...
+
+
+class TorchScriptRuntime:
+    """A TorchScript artifact on one device."""
+
+    def __init__(self, model: torch.jit.ScriptModule, art: artifact.Artifact, device: torch.device) -> None:
+        self.model = model
+        self.artifact = art
+        self.name = art.name
+        self.version = art.version
+        self.latent_dim = art.latent_dim
+        self.device = str(device)
+        self.manifest = art.manifest
+        self._device = device
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> TorchScriptRuntime:
+        model, art = artifact.load(path, device)
+        scripted_dim = getattr(model, "latent_dim", art.latent_dim)
+        if int(scripted_dim) != art.latent_dim:
+            raise artifact.ArtifactError(
+                f"{path}: manifest says latent_dim {art.latent_dim}, "
+                f"the TorchScript model says {scripted_dim}"
+            )
+        return cls(model, art, device)
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(1).to(self._device)
+            mu, sigma = self.model.encode(batch)
+            # mu and sigma are usually views into one tensor: copy them out contiguous for orjson
+            return _to_numpy(mu), _to_numpy(sigma)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            latents = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(self._device)
+            return _to_numpy(self.model.decode(latents).squeeze(1))
+
+    def warm_up(self) -> float:
+        """Runs both methods once (the first TorchScript call compiles and allocates) and
+        checks the shapes the contract promises. Returns the seconds it took."""
+        start = time.perf_counter()
+        mu, sigma = self.encode(np.zeros((2, 28, 28), np.float32))
+        images = self.decode(mu)
+        if mu.shape != (2, self.latent_dim) or sigma.shape != mu.shape or images.shape != (2, 28, 28):
+            raise artifact.ArtifactError(
+                f"{self.artifact.path}: the model returned mu {list(mu.shape)}, sigma {list(sigma.shape)}, "
+                f"images {list(images.shape)}; expected [2, {self.latent_dim}] twice and [2, 28, 28]"
+            )
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all() and np.isfinite(images).all()):
+            raise artifact.ArtifactError(
+                f"{self.artifact.path}: the model returns NaN or infinity on a blank image"
+            )
+        return time.perf_counter() - start
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+
+@dataclass(frozen=True)
+class ModelRegistry:
+    """The loaded models by name, and the one used when a request names none."""
+
+    models: dict[str, ModelRuntime]
+    default: str
+
+    def __post_init__(self) -> None:
+        if self.default not in self.models:
+            raise ValueError(f"default model {self.default!r} is not among {sorted(self.models)}")
+
+    def get(self, name: str | None = None) -> ModelRuntime:
+        if name is None or name == "":
+            return self.models[self.default]
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModel(
+                f"no model named {name!r} is loaded; loaded models: "
+                f"{', '.join(sorted(self.models))} (GET /models lists them)"
+            ) from None
+
+    def __iter__(self) -> Iterator[ModelRuntime]:
+        return iter(self.models.values())
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+
+class NoModelsError(RuntimeError):
+    """Nothing could be loaded, so there is nothing to serve."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must be usable here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NoModelsError(
+            f"device {name!r} was asked for, but this torch build sees no CUDA GPU "
+            f"(torch {torch.__version__}); use --device cpu or auto"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise NoModelsError(
+            f"device {name!r} was asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise NoModelsError(f"device {name!r} was asked for, but MPS is not available here; use cpu or auto")
+    return device
+
+
+def selected_models(settings: Settings) -> list[tuple[str, str | None]]:
+    """(name, pinned version or None) for every model to load."""
+    return settings.model_specs() or [(name, None) for name in artifact.list_models(settings.model_store)]
+
+
+def load_registry(settings: Settings) -> ModelRegistry:
+    """Loads, verifies and warms every selected model. A model that fails is logged in one
+    line and skipped; NoModelsError when none is left."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    store = settings.model_store
+    specs = selected_models(settings)
+    if not specs:
+        reason = (
+            "the directory does not exist"
+            if not store.is_dir()
+            else "it holds no <name>/<version>/ artifacts"
+        )
+        raise NoModelsError(
+            f"no models to serve in {store}: {reason}; train one (make model) "
+            "or point VAE_MODEL_STORE / --model-store at a store"
+        )
+    models: dict[str, ModelRuntime] = {}
+    for name, version in specs:
+        try:
+            path = artifact.resolve(store, name, version)
+            runtime = TorchScriptRuntime.load(path, device)
+            seconds = runtime.warm_up() if settings.warmup else 0.0
+        except artifact.ArtifactError as exc:
+            log.error("refusing model %s%s: %s", name, f" {version}" if version else "", exc)
+            continue
+        except Exception as exc:  # a model that crashes on warm-up must not take the others down
+            log.error(
+                "refusing model %s%s: it failed its warm-up run (%s: %s)",
+                name,
+                f" {version}" if version else "",
+                type(exc).__name__,
+                exc,
+            )
+            continue
+        models[name] = runtime
+        log.info(
+            "loaded model %s %s from %s: latent_dim %d on %s, warm-up %.2f s",
+            name,
+            runtime.version,
+            path,
+            runtime.latent_dim,
+            runtime.device,
+            seconds,
+        )
+    if not models:
+        raise NoModelsError(
+            f"none of the {len(specs)} model(s) in {store} could be loaded "
+            "(each refusal is logged above); nothing to serve"
+        )
+    default = settings.default_model
+    if default not in models:
+        fallback = next(iter(models))
+        # Asked for explicitly (or in the store but refused): worth a warning. The built-in
+        # default simply absent from the store: the first model serving is expected.
+        level = (
+            logging.WARNING
+            if "default_model" in settings.model_fields_set or default in dict(specs)
+            else logging.INFO
+        )
+        log.log(
+            level, "default model %r is not loaded; requests that name no model go to %r", default, fallback
+        )
+        default = fallback
+    return ModelRegistry(models, default)

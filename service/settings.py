@@ -1,0 +1,106 @@
+"""Every setting of the service, in one place: read from VAE_* environment variables.
+
+`vae-serve` exposes each field as a command-line option too (`--max-images 64` for
+VAE_MAX_IMAGES=64); docs/service.md has the table. Limits live here, not in the request
+schemas, so that an operator can change them without touching code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_STORE = Path(__file__).resolve().parents[1] / "model_store"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _split_list(value: Any) -> Any:
+    """Lists come from the environment as `a,b` or as a JSON array `["a", "b"]`."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore", validate_default=True)
+
+    model_store: Path = Field(DEFAULT_STORE, description="Directory holding <name>/<version>/ artifacts.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models to load, comma-separated; `name` takes the latest version, `name:v3` pins one. "
+        "Empty: every model in the store, latest versions.",
+    )
+    default_model: str = Field(
+        "mnist",
+        description="Model used when a request names none; "
+        "falls back to the first loaded model when this one is not loaded.",
+    )
+    device: str = Field("auto", description="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads (torch.set_num_threads); "
+        "0 leaves torch's default (one per physical core).",
+    )
+    inference_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker threads that run model calls; "
+        "1 runs one forward pass at a time, each using torch_threads.",
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
+    max_images: int = Field(256, ge=1, description="Most images (or latent rows for /decode) in one request.")
+    max_samples: int = Field(1024, ge=1, description="Largest n for /sample and /sample.png.")
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=28 * 28,
+        description="Largest width*height of an uploaded "
+        "image, checked before its pixels are decoded (decompression bombs).",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS, comma-separated; `*` allows any. Empty: CORS off.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, every endpoint but /healthz, /readyz, /docs "
+        "and /openapi.json needs header `X-API-Key: <key>` or "
+        "`Authorization: Bearer <key>`.",
+    )
+    warmup: bool = Field(True, description="Run each model once at startup, before reporting ready.")
+
+    @field_validator("models", "cors_origins", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        base, _, index = value.partition(":")
+        if base not in DEVICES or (index and (base != "cuda" or not index.isdigit())):
+            raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_means_none(cls, value: SecretStr | None) -> SecretStr | None:
+        # VAE_API_KEY= (set but empty) must not turn on a key that every client trivially matches.
+        return value if value is not None and value.get_secret_value() else None
+
+    def model_specs(self) -> list[tuple[str, str | None]]:
+        """The configured models as (name, pinned version or None)."""
+        specs = []
+        for item in self.models:
+            name, _, version = item.partition(":")
+            specs.append((name.strip(), version.strip() or None))
+        return specs

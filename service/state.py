@@ -1,0 +1,34 @@
+"""What one app instance holds while it runs: settings, models, the inference pool, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from service.errors import NotReady
+from service.inference import Inference
+from service.metrics import Metrics
+from service.runtime import ModelRegistry
+from service.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    registry: ModelRegistry | None = None
+    inference: Inference | None = None
+    ready: bool = False
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.vae
+
+
+def serving(request: Request) -> tuple[ModelRegistry, Inference]:
+    """The loaded models and the pool, or 503 while the app is starting or stopping."""
+    state: ServiceState = request.app.state.vae
+    if not state.ready or state.registry is None or state.inference is None:
+        raise NotReady("the models are not loaded (the server is starting or shutting down); retry shortly")
+    return state.registry, state.inference

@@ -8,7 +8,7 @@ MNIST_DIR ?= ../shared/data/mnist
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test install install-dev lint model model-2d bench clean
+.PHONY: serve test install install-dev lint model model-2d bench screenshot clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +31,25 @@ serve: install
 	$(BIN)/vae-serve --host $(HOST) --port $(PORT)
 
 test: install-dev
-	$(BIN)/ruff check service trainer tests
+	$(BIN)/ruff check service trainer tests bench
 	$(BIN)/python -m pytest
 
+# docs/explorer.png, the README's picture of the explorer page: the shipped models, served by a
+# real vae-serve, in headless Chromium.
+screenshot: install-dev
+	$(BIN)/python tests/screenshot.py docs/explorer.png
+
 lint: install-dev
-	$(BIN)/ruff check service trainer tests
-	$(BIN)/ruff format --check service trainer tests
+	$(BIN)/ruff check service trainer tests bench
+	$(BIN)/ruff format --check service trainer tests bench
+
+# The serving benchmark (docs/performance.md): the service against a plain FastAPI app and
+# its own ceiling, driven by wrk on loopback. Several minutes; run it on a quiet machine.
+# BENCH_ARGS=--quick for short runs.
+bench: install
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } \
+		|| { echo "make bench needs the load generator wrk: sudo apt-get install -y wrk (Debian/Ubuntu) or brew install wrk (macOS)"; exit 1; }
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # The shipped models. Each command reproduces its artifact (bit-for-bit weights on CPU for
 # the same torch build); the new version lands beside the shipped one in model_store/.
@@ -48,7 +61,7 @@ model: install-dev
 model-2d: install-dev
 	$(BIN)/vae-train --name mnist-2d --dataset mnist --data-dir $(MNIST_DIR) --epochs 40 \
 		--latent-dim 2 --channels 32 --hidden 512 --blocks 0 --batch-size 128 --lr 1e-3 \
-		--seed 0 --device cpu --threads 2 --workdir runs/mnist-2d
+		--seed 0 --device cpu --threads 2 --iwae-k 500 --workdir runs/mnist-2d
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

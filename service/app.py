@@ -16,10 +16,11 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
-from service import errors, routes
+from service import admin, errors, explorer, routes
 from service.body_limit import BodyLimitMiddleware
 from service.inference import Inference
 from service.metrics import Metrics, RequestMetricsMiddleware
+from service.reload import Reloader
 from service.runtime import ModelRegistry, load_registry
 from service.settings import Settings
 from service.state import ServiceState
@@ -51,14 +52,20 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             state.metrics.model_info.labels(
                 model.name, model.version, str(model.latent_dim), model.device
             ).set(1)
-        state.inference = Inference(state.metrics, settings.inference_threads)
+        del model  # this frame lives as long as the app: it must not keep a model a reload replaces
+        state.inference = Inference.from_settings(state.metrics, settings)
+        if settings.warmup:  # at the merged-batch shape too, so the first requests pay no JIT stall
+            await state.inference.warm_up(list(state.registry))
+        state.reloader = Reloader(state)
+        sighup = state.reloader.install_sighup()  # POST /admin/reload works either way
         state.ready = True
         state.metrics.ready.set(1)
         log.info(
-            "ready: serving %s (default %s) with %d inference thread(s)",
+            "ready: serving %s (default %s) with %d inference thread(s)%s",
             ", ".join(f"{m.name} {m.version}" for m in state.registry),
             state.registry.default,
             settings.inference_threads,
+            "; SIGHUP reloads new model versions" if sighup else "",
         )
         try:
             yield
@@ -66,13 +73,16 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             # Not ready first, so load balancers stop sending work; then let running calls finish.
             state.ready = False
             state.metrics.ready.set(0)
-            await run_in_threadpool(state.inference.close)
+            state.reloader.remove_sighup()
+            await state.inference.aclose()
 
     app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan)
     app.state.vae = state
     errors.install(app)
     app.include_router(routes.api)
     app.include_router(routes.probes)
+    app.include_router(admin.admin)
+    explorer.install(app)  # the page at / and /static, with its security headers
     # add_middleware wraps what is already there: the last added runs first. CORS outermost,
     # so that even a 413 carries the headers a browser needs to read it.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -263,6 +263,23 @@ def load(path: Path | str, device: str | torch.device = "cpu") -> tuple[torch.ji
     return model, Artifact(path, manifest)
 
 
+def read_listed_file(art: Artifact, rel: str) -> bytes | None:
+    """The bytes of one file that the artifact's manifest lists (a report file, say), or None
+    when it lists no such file. The bytes are checked against the manifest's sha256 as they
+    are read, as load() does for the model: a file changed since verify() is refused. Only
+    listed paths are ever read, so no caller can be steered to another file."""
+    expected = art.manifest["files"].get(rel)
+    if expected is None:
+        return None
+    try:
+        data = (art.path / rel).read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{art.path}: {rel} cannot be read ({exc})") from exc
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ArtifactError(f"{art.path}: {rel} changed after the artifact was verified")
+    return data
+
+
 def resolve(store: Path | str, name: str, version: str | None = None) -> Path:
     """The directory of `name` at `version`, or at its latest version when none is given."""
     versions = list_versions(store, name)

@@ -1,8 +1,8 @@
 """The optional API key: `X-API-Key: <key>` or `Authorization: Bearer <key>`.
 
 A dependency rather than a middleware, so /docs shows the scheme and its Authorize
-button works; the open endpoints (/healthz, /readyz, /docs, /openapi.json) simply do not
-depend on it."""
+button works; the open endpoints (/healthz, /readyz, /docs, /openapi.json, and the
+explorer page's files at / and /static) simply do not depend on it."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import copy
 import logging
 import logging.config
 import os
+import signal
 import sys
 from typing import Any
 
@@ -25,6 +26,7 @@ from service.settings import Settings
 log = logging.getLogger("service.cli")
 EXIT_NO_MODELS = 1
 EXIT_BAD_SETTINGS = 2
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,20 +35,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the VAE models of a model store over HTTP. Every option can also be set by the "
         "environment variable named after it (VAE_<OPTION>); the option wins.",
     )
+    # The server's own options read VAE_HOST, VAE_PORT, ... too, so that a container image
+    # configures everything through its environment (Dockerfile ENV, compose `environment`).
     parser.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="Address to listen on (default 127.0.0.1; 0.0.0.0 for every interface).",
+        default=os.environ.get("VAE_HOST") or "127.0.0.1",
+        help="Address to listen on (env VAE_HOST; default 127.0.0.1; 0.0.0.0 for every interface).",
     )
-    parser.add_argument("--port", type=int, default=8000, help="Port to listen on (default 8000).")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=_env_int("VAE_PORT", 8000),
+        help="Port to listen on (env VAE_PORT; default 8000).",
+    )
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="Server processes, each with its own copy of "
-        "the models (default 1). Give each about cores/workers torch threads.",
+        default=_env_int("VAE_WORKERS", 1),
+        help="Server processes, each with its own copy of the models (env VAE_WORKERS; default 1). "
+        "Give each about cores/workers torch threads.",
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--graceful-timeout",
+        type=int,
+        default=_env_int("VAE_GRACEFUL_TIMEOUT", 30),
+        metavar="SECONDS",
+        help="On SIGTERM, stop accepting connections and give the requests in flight this long to "
+        "finish before they are cancelled (env VAE_GRACEFUL_TIMEOUT; default 30). Keep the "
+        "orchestrator's grace period (compose stop_grace_period) longer.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=_env_choice("VAE_LOG_LEVEL", LOG_LEVELS, "info"),
+        choices=LOG_LEVELS,
+        help="env VAE_LOG_LEVEL; default info",
+    )
     settings = parser.add_argument_group("settings (each also read from VAE_<NAME>)")
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True)
@@ -61,6 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{field.description} (env VAE_{name.upper()}; default {shown or 'empty'})",
         )
     return parser
+
+
+def _env_choice(name: str, choices: list[str], default: str) -> str:
+    # argparse checks `choices` only for values given on the command line, not for defaults.
+    value = (os.environ.get(name) or default).strip().lower()
+    if value not in choices:
+        log.error(
+            "vae-serve cannot start: invalid settings: %s=%r is not one of %s",
+            name,
+            value,
+            ", ".join(choices),
+        )
+        sys.exit(EXIT_BAD_SETTINGS)
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        log.error("vae-serve cannot start: invalid settings: %s=%r is not a whole number", name, value)
+        sys.exit(EXIT_BAD_SETTINGS)
 
 
 def logging_config(level: str) -> dict[str, Any]:
@@ -88,6 +136,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _ignore_sighup_while_loading()
     log_config = logging_config(args.log_level)
     logging.config.dictConfig(log_config)
     try:
@@ -110,7 +159,28 @@ def main(argv: list[str] | None = None) -> None:
         log.error("vae-serve cannot start: %s", exc)
         sys.exit(EXIT_NO_MODELS)
     app = create_app(settings, registry)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=log_config, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=log_config,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        access_log=settings.access_log,
+    )
+
+
+def _ignore_sighup_while_loading() -> None:
+    """SIGHUP's default action ends the process. Until the server installs its own handler
+    (service.reload once the models are loaded; uvicorn's, with --workers), a SIGHUP is
+    logged and ignored instead of killing a server that is about to serve."""
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(
+            signal.SIGHUP,
+            lambda signum, frame: log.warning(
+                "received SIGHUP while loading the models: ignored; a reload can start once the server "
+                "is ready (send SIGHUP again then if a new version appeared meanwhile)"
+            ),
+        )
 
 
 def _serve_workers(args: argparse.Namespace, settings: Settings, log_config: dict[str, Any]) -> None:
@@ -137,6 +207,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, log_config: dic
         value = getattr(args, name)
         if value is not None:
             os.environ[f"VAE_{name.upper()}"] = value
+    # POST /admin/reload reaches one worker only; it reads this to refuse and point to SIGHUP.
+    os.environ["VAE_WORKER_PROCESSES"] = str(args.workers)
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -144,7 +216,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, log_config: dic
         port=args.port,
         workers=args.workers,
         log_config=log_config,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        access_log=settings.access_log,
     )
 
 

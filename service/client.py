@@ -10,7 +10,10 @@ Images may be given as file paths, encoded bytes, PIL images or numpy arrays; a 
 array shaped [28, 28] or [B, 28, 28] with values in [0, 1] is sent as pixels, exactly,
 anything else as PNG/JPEG files that the server fits into 28x28. Images come back as
 float32 arrays. Errors raise VAEClientError with the server's problem details.
-This module does not import torch.
+`binary=True` fetches decode and sample images as a .npy body (Accept: application/x-npy)
+instead of JSON floats: the same float32 values, a quarter of the bytes, and no number
+parsing (sample(return_latents=True) and reconstruct still use JSON, which carries z, mu
+and sigma). This module does not import torch.
 """
 
 from __future__ import annotations
@@ -149,7 +152,11 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"X-API-Key": api_key} if api_key else {}
 
 
-def _json(response: httpx.Response) -> Any:
+NPY = "application/x-npy"
+_NPY = {"Accept": NPY}
+
+
+def _check(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
         try:
             problem = response.json()
@@ -161,7 +168,34 @@ def _json(response: httpx.Response) -> Any:
         raise VAEClientError(
             f"{response.status_code} {title}: {problem.get('detail', '')}", response.status_code, problem
         )
-    return response.json()
+    return response
+
+
+def _json(response: httpx.Response) -> Any:
+    return _check(response).json()
+
+
+def _npy_images(response: httpx.Response) -> np.ndarray:
+    _check(response)
+    if response.headers.get("content-type", "").split(";")[0].strip() != NPY:
+        raise VAEClientError(
+            f"asked for {NPY} and the server answered {response.headers.get('content-type')!r}; "
+            "is it an older version? Use binary=False"
+        )
+    return np.load(io.BytesIO(response.content), allow_pickle=False).astype(np.float32, copy=False)
+
+
+def _npy_samples(response: httpx.Response, temperature: float) -> Samples:
+    images = _npy_images(response)
+    headers = response.headers
+    return Samples(
+        headers.get("X-Model", ""),
+        headers.get("X-Model-Version", ""),
+        images,
+        int(headers["X-Seed"]),
+        temperature,
+        None,
+    )
 
 
 def _unreachable(url: str, exc: httpx.TransportError) -> VAEClientError:
@@ -238,18 +272,22 @@ class VAEClient:
         api_key: str | None = None,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        binary: bool = False,
     ) -> None:
         self.url = url
+        self.binary = binary
         self._http = httpx.Client(
             base_url=url, headers=_headers(api_key), timeout=timeout, transport=transport
         )
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._http.request(method, path, **kwargs)
+            return self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from exc
-        return _json(response)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return _json(self._send(method, path, **kwargs))
 
     def encode(
         self, images: ImageLike | Sequence[ImageLike], *, model: str | None = None, invert: Invert = "auto"
@@ -258,6 +296,8 @@ class VAEClient:
 
     def decode(self, z: np.ndarray | Sequence[Sequence[float]], *, model: str | None = None) -> np.ndarray:
         """Latents [B, latent_dim] (or one [latent_dim]) -> float32 images [B, 28, 28]."""
+        if self.binary:
+            return _npy_images(self._send("POST", "/decode", json=_decode_body(z, model), headers=_NPY))
         return _images(self._request("POST", "/decode", json=_decode_body(z, model)))
 
     def sample(
@@ -269,9 +309,10 @@ class VAEClient:
         model: str | None = None,
         return_latents: bool = False,
     ) -> Samples:
-        return _samples(
-            self._request("POST", "/sample", json=_sample_body(n, seed, temperature, model, return_latents))
-        )
+        body = _sample_body(n, seed, temperature, model, return_latents)
+        if self.binary and not return_latents:
+            return _npy_samples(self._send("POST", "/sample", json=body, headers=_NPY), temperature)
+        return _samples(self._request("POST", "/sample", json=body))
 
     def reconstruct(
         self, images: ImageLike | Sequence[ImageLike], *, model: str | None = None, invert: Invert = "auto"
@@ -310,18 +351,22 @@ class AsyncVAEClient:
         api_key: str | None = None,
         timeout: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        binary: bool = False,
     ) -> None:
         self.url = url
+        self.binary = binary
         self._http = httpx.AsyncClient(
             base_url=url, headers=_headers(api_key), timeout=timeout, transport=transport
         )
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, **kwargs)
+            return await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from exc
-        return _json(response)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return _json(await self._send(method, path, **kwargs))
 
     async def encode(
         self, images: ImageLike | Sequence[ImageLike], *, model: str | None = None, invert: Invert = "auto"
@@ -331,6 +376,9 @@ class AsyncVAEClient:
     async def decode(
         self, z: np.ndarray | Sequence[Sequence[float]], *, model: str | None = None
     ) -> np.ndarray:
+        if self.binary:
+            response = await self._send("POST", "/decode", json=_decode_body(z, model), headers=_NPY)
+            return _npy_images(response)
         return _images(await self._request("POST", "/decode", json=_decode_body(z, model)))
 
     async def sample(
@@ -342,11 +390,11 @@ class AsyncVAEClient:
         model: str | None = None,
         return_latents: bool = False,
     ) -> Samples:
-        return _samples(
-            await self._request(
-                "POST", "/sample", json=_sample_body(n, seed, temperature, model, return_latents)
-            )
-        )
+        body = _sample_body(n, seed, temperature, model, return_latents)
+        if self.binary and not return_latents:
+            response = await self._send("POST", "/sample", json=body, headers=_NPY)
+            return _npy_samples(response, temperature)
+        return _samples(await self._request("POST", "/sample", json=body))
 
     async def reconstruct(
         self, images: ImageLike | Sequence[ImageLike], *, model: str | None = None, invert: Invert = "auto"

@@ -76,12 +76,28 @@ class UnknownModel(ProblemError):
     status, slug, title = 404, "unknown-model", "Unknown model"
 
 
+class NoLatentMap(ProblemError):
+    status, slug, title = 404, "no-latent-map", "No latent map"
+
+
 class Unauthorized(ProblemError):
     status, slug, title = 401, "unauthorized", "Missing or wrong API key"
 
 
 class NotReady(ProblemError):
     status, slug, title = 503, "not-ready", "Not ready"
+
+
+class Forbidden(ProblemError):
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
+class ReloadRefused(ProblemError):
+    status, slug, title = 409, "reload-refused", "New model version refused"
+
+
+class ReloadUnavailable(ProblemError):
+    status, slug, title = 409, "reload-unavailable", "Reload not possible here"
 
 
 def problem_body(

@@ -2,14 +2,16 @@
 
 The event loop only parses requests and writes responses; every forward pass runs on one
 of `inference_threads` threads (VAE_INFERENCE_THREADS), each using up to `torch_threads`
-cores inside torch. Calls beyond the pool's size wait in its queue, so a burst of
-requests cannot start more forward passes than the machine has cores for. A later
-micro-batching layer belongs here: between the routes and ModelRuntime.
+cores inside torch. With batching on (the default), concurrent calls for the same model
+and operation are merged into one forward pass first (service.batching); with it off,
+each call is its own pass. Either way a burst of requests cannot start more forward
+passes than there are threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,17 +19,36 @@ from typing import TypeVar
 
 import numpy as np
 
+from service.batching import Batchers, BatchPolicy, needs_warm_up, warm_up_rows
 from service.latents import draw_latents
 from service.metrics import Metrics
 from service.runtime import ModelRuntime
+from service.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger("service.inference")
 
 
 class Inference:
-    def __init__(self, metrics: Metrics, threads: int = 1) -> None:
+    def __init__(self, metrics: Metrics, threads: int = 1, batching: BatchPolicy | None = None) -> None:
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vae-inference")
+        self.batching = batching
+        self._batchers = Batchers(batching, self._pool, threads, metrics) if batching else None
+
+    @classmethod
+    def from_settings(cls, metrics: Metrics, settings: Settings) -> Inference:
+        policy = (
+            BatchPolicy(
+                max_size=settings.batch_max_size,
+                max_wait=settings.batch_max_wait_ms / 1000.0,
+                queue_max=settings.queue_max,
+                exact=settings.batch_exact,
+            )
+            if settings.batching
+            else None
+        )
+        return cls(metrics, settings.inference_threads, policy)
 
     async def _run(self, model: ModelRuntime, op: str, batch: int, call: Callable[[], T]) -> T:
         queued = time.perf_counter()
@@ -44,21 +65,55 @@ class Inference:
         return await asyncio.get_running_loop().run_in_executor(self._pool, timed)
 
     async def encode(self, model: ModelRuntime, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._batchers is not None:
+            mu, sigma = await self._batchers.get(model, "encode").submit(x)
+            return mu, sigma
         return await self._run(model, "encode", len(x), lambda: model.encode(x))
 
     async def decode(self, model: ModelRuntime, z: np.ndarray) -> np.ndarray:
+        if self._batchers is not None:
+            (images,) = await self._batchers.get(model, "decode").submit(z)
+            return images
         return await self._run(model, "decode", len(z), lambda: model.decode(z))
 
     async def sample(
         self, model: ModelRuntime, n: int, seed: int, temperature: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """(z, images) for n latents drawn from the prior with this seed."""
+        if self._batchers is not None:
+            # Drawn here, per request, with the request's own generator (a few µs for small n):
+            # the latents never depend on what else is in the batch.
+            z = draw_latents(n, model.latent_dim, seed, temperature)
+            return z, await self.decode(model, z)
 
         def call() -> tuple[np.ndarray, np.ndarray]:
             z = draw_latents(n, model.latent_dim, seed, temperature)
             return z, model.decode(z)
 
         return await self._run(model, "decode", n, call)
+
+    async def warm_up(self, models: list[ModelRuntime]) -> None:
+        """Runs each model at the batch shape before it serves (see batching.warm_up_rows),
+        at startup and for a reload's new versions. Raises what the model raises."""
+        if self._batchers is None or self.batching is None:
+            return
+        loop = asyncio.get_running_loop()
+        for model in filter(needs_warm_up, models):
+            seconds = await loop.run_in_executor(self._pool, warm_up_rows, model, self.batching)
+            self._batchers.warmed.add(model)
+            log.info(
+                "model %s %s warmed up at the batch shape (%d rows) in %.2f s",
+                model.name,
+                model.version,
+                self.batching.max_size,
+                seconds,
+            )
+
+    async def aclose(self) -> None:
+        """Lets queued and running calls finish, then stops the threads."""
+        if self._batchers is not None:
+            await self._batchers.drained()
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -2,15 +2,18 @@
 
 /encode and /reconstruct take images three ways (JSON, multipart uploads, or one raw
 PNG/JPEG body), so they read the body here rather than through a FastAPI body parameter.
-JSON parsing, validation and image decoding all run on worker threads: a large body must
-not stall the event loop for the other requests.
+JSON parsing, validation and image decoding of large bodies run on worker threads: a large
+body must not stall the event loop for the other requests. A small one (a digit or two,
+the common case) is handled on the event loop: the trip to a thread and back would cost
+more than the work (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import Query, Request
@@ -21,12 +24,17 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import images
-from service.errors import InvalidLatents, InvalidRequest, TooManyItems, UnsupportedMediaType
+from service.errors import ImageTooLarge, InvalidLatents, InvalidRequest, TooManyItems, UnsupportedMediaType
 from service.schemas import ImageFormat, ImageRequest
 from service.settings import Settings
 
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg")
+# Bodies up to this size whose images are all at most INLINE_PIXELS are read on the event
+# loop (tens of µs); anything larger goes to a worker thread.
+INLINE_BODY_BYTES = 16 * 1024
+INLINE_PIXELS = 64 * 64
 ACCEPTED_FOR_IMAGES = "application/json, multipart/form-data, image/png or image/jpeg"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,9 @@ def _is_json(kind: str) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
-def require_json(request: Request) -> None:
-    """For the JSON-only endpoints: anything but JSON is a 415, not a confusing 422."""
+async def require_json(request: Request) -> None:
+    """For the JSON-only endpoints: anything but JSON is a 415, not a confusing 422.
+    (async: FastAPI would run a sync dependency on its thread pool, for a header lookup.)"""
     kind = media_type(request)
     if not _is_json(kind):
         shown = f"Content-Type {kind!r}" if kind else "no Content-Type"
@@ -80,8 +89,22 @@ def _parse_json(body: bytes) -> Any:
         ) from exc
 
 
+async def _small_inline(body: bytes, settings: Settings, read: Callable[[int], T]) -> T:
+    """read(max_pixels) on the event loop when the body and its images are small, else on a
+    worker thread. An image over INLINE_PIXELS stops the inline attempt at its header (before
+    any pixel is decoded) and the whole body is read again on a thread, with the real limit."""
+    limit = settings.max_image_pixels
+    if len(body) <= INLINE_BODY_BYTES:
+        try:
+            return read(min(limit, INLINE_PIXELS))
+        except ImageTooLarge:
+            if limit <= INLINE_PIXELS:
+                raise
+    return await run_in_threadpool(read, limit)
+
+
 def _validate_image_json(
-    body: bytes, settings: Settings, query_invert: bool | None
+    body: bytes, settings: Settings, query_invert: bool | None, max_pixels: int
 ) -> tuple[np.ndarray, ImageRequest]:
     data = _parse_json(body)
     if not isinstance(data, dict):
@@ -105,7 +128,7 @@ def _validate_image_json(
         (f"images[{i}]", images.decode_base64(text, f"images[{i}]"))
         for i, text in enumerate(request.images or [])
     ]
-    return images.prepare_batch(items, invert, settings.max_image_pixels), request
+    return images.prepare_batch(items, invert, max_pixels), request
 
 
 def _with_body_loc(errors: list[Any]) -> list[Any]:
@@ -163,8 +186,9 @@ async def image_input(
     query_invert = parse_invert(invert)
     kind = media_type(request)
     if _is_json(kind):
-        pixels, parsed = await run_in_threadpool(
-            _validate_image_json, await request.body(), settings, query_invert
+        body = await request.body()
+        pixels, parsed = await _small_inline(
+            body, settings, lambda limit: _validate_image_json(body, settings, query_invert, limit)
         )
         fmt = parsed.format if "format" in parsed.model_fields_set else (format or "png")
         return ImageInput(pixels, parsed.model or model, fmt)
@@ -180,8 +204,8 @@ async def image_input(
         return ImageInput(pixels, fields.get("model") or model, form_format)  # type: ignore[arg-type]
     if kind in IMAGE_MEDIA_TYPES:
         body = await request.body()
-        pixels = await run_in_threadpool(
-            images.prepare_batch, [("the body", body)], query_invert, settings.max_image_pixels
+        pixels = await _small_inline(
+            body, settings, lambda limit: images.prepare_batch([("the body", body)], query_invert, limit)
         )
         return ImageInput(pixels, model, format or "png")
     shown = f"Content-Type {kind!r}" if kind else "no Content-Type"

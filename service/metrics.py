@@ -46,9 +46,30 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "vae_model_batch_size",
-            "Images or latents per model call.",
+            "Images or latents per model call (with batching: per merged forward pass).",
             ["model", "op"],
             buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        # Micro-batching (service.batching): how many requests share a pass, how many rows
+        # wait, and how many requests were turned away with 503 because the queue was full.
+        self.batch_requests = Histogram(
+            "vae_model_batch_requests",
+            "Requests merged into one model call.",
+            ["model", "op"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queued_rows = Gauge(
+            "vae_model_queued_rows",
+            "Images or latents waiting for a model call.",
+            ["model", "op"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "vae_model_rejected_total",
+            "Requests refused with 503 because the model's queue was full (VAE_QUEUE_MAX).",
+            ["model", "op"],
             registry=r,
         )
         self.model_info = Gauge(
@@ -59,6 +80,20 @@ class Metrics:
         )
         self.ready = Gauge(
             "vae_ready", "1 once the models are loaded and warmed up, 0 otherwise.", registry=r
+        )
+        # Reloads (service.reload): one count per model version tried, so an alert on
+        # result="refused" fires when a deploy put a broken artifact in the store.
+        self.reloads = Counter(
+            "vae_model_reloads_total",
+            "Model versions tried by a reload, by result (loaded or refused).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.reload_runs = Counter(
+            "vae_reload_runs_total",
+            "Reloads run, by trigger (api or sighup).",
+            ["trigger"],
+            registry=r,
         )
 
 

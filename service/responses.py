@@ -1,13 +1,15 @@
 """Model outputs -> HTTP responses: the "encode response" step after predicting.
 
 JSON goes through orjson, which writes numpy float32 arrays directly (shortest float32
-repr, no per-element Python work). Images come back as base64 PNGs, float arrays, or,
-when the client prefers image/png, as one PNG file (a grid for several images).
+repr, no per-element Python work). Images come back as base64 PNGs, float arrays, or, by
+the Accept header: one PNG file (a grid for several images), a `.npy` file of the float32
+images (application/x-npy), or their raw uint8 pixels (application/octet-stream).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import io
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -15,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import images
+from service import images, latent_map
 from service.latents import kl_to_prior
 from service.runtime import ModelRuntime
 from service.schemas import ImageFormat
@@ -42,22 +44,92 @@ def _quality(accept: str, wanted: str) -> float:
     return 0.0
 
 
-def wants_png(request: Request) -> bool:
-    """True when the client names image/png and prefers it to JSON. Wildcards (*/*, as
-    curl and httpx send) keep JSON, so only an explicit `Accept: image/png` switches."""
+NPY_MEDIA_TYPE = "application/x-npy"
+RAW_MEDIA_TYPE = "application/octet-stream"
+Answer = Literal["json", "png", "npy", "raw"]
+# Image answers other than JSON, in the order that wins a tie of q-values.
+_ALTERNATIVES: tuple[tuple[Answer, str], ...] = (
+    ("png", "image/png"),
+    ("npy", NPY_MEDIA_TYPE),
+    ("raw", RAW_MEDIA_TYPE),
+)
+# Encoding this many images (fast PNG path: ~10 µs each) is cheaper on the event loop than the
+# trip to a worker thread and back; larger batches go to the thread pool.
+INLINE_IMAGES = 16
+
+
+def negotiate(request: Request) -> Answer:
+    """What an image endpoint answers with: a type the Accept header names explicitly and
+    prefers to JSON, else JSON. Wildcards (*/*, as curl and httpx send) keep JSON."""
     accept = request.headers.get("accept", "")
-    png = _quality(accept, "image/png")
-    return png > 0.0 and png >= _quality(accept, "application/json")
+    if not accept or accept in ("*/*", "application/json"):  # the common case, without parsing
+        return "json"
+    json_q = _quality(accept, "application/json")
+    best: Answer = "json"
+    best_q = 0.0
+    for answer, media in _ALTERNATIVES:
+        q = _quality(accept, media)
+        if q > best_q:
+            best, best_q = answer, q
+    return best if best_q > 0.0 and best_q >= json_q else "json"
+
+
+def wants_png(request: Request) -> bool:
+    """True when the client names image/png and prefers it to JSON and the binary types."""
+    return negotiate(request) == "png"
+
+
+async def _offload_if_large(count: int, fn: Any, *args: Any) -> Any:
+    return fn(*args) if count <= INLINE_IMAGES else await run_in_threadpool(fn, *args)
 
 
 async def image_payload(x: np.ndarray, fmt: ImageFormat) -> list[str] | np.ndarray:
     if fmt == "array":
         return np.ascontiguousarray(x, dtype=np.float32)
-    return await run_in_threadpool(images.png_base64, x)
+    return await _offload_if_large(len(x), images.png_base64, x)
 
 
 async def png_response(x: np.ndarray, headers: dict[str, str] | None = None) -> Response:
-    return Response(await run_in_threadpool(images.grid_png, x), media_type="image/png", headers=headers)
+    body = await _offload_if_large(len(x), images.grid_png, x)
+    return Response(body, media_type="image/png", headers=headers)
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+async def binary_response(
+    answer: Answer, x: np.ndarray, headers: dict[str, str] | None = None
+) -> Response | None:
+    """The images as one binary body, for bulk clients: `npy`, a .npy file of the float32
+    images [B, 28, 28] (exactly format=array's values); `raw`, their uint8 pixels
+    (round(255 x), as in the PNGs), row-major, shape in X-Shape. None for png and json."""
+    shape = {"X-Shape": ",".join(str(d) for d in x.shape)}
+    if answer == "npy":
+        body = await _offload_if_large(len(x), _npy, x)
+        return Response(body, media_type=NPY_MEDIA_TYPE, headers={**(headers or {}), **shape})
+    if answer == "raw":
+        body = await _offload_if_large(len(x), lambda: images.to_uint8(x).tobytes())
+        return Response(
+            body, media_type=RAW_MEDIA_TYPE, headers={**(headers or {}), **shape, "X-Dtype": "uint8"}
+        )
+    return None
+
+
+async def image_answer(
+    request: Request, model: ModelRuntime, x: np.ndarray, headers: dict[str, str] | None = None
+) -> Response | None:
+    """The response when the client asked for one PNG or a binary body; None for JSON.
+    Binary bodies name the model in X-Model and X-Model-Version (JSON has them in the body)."""
+    answer = negotiate(request)
+    if answer == "json":
+        return None
+    if answer == "png":
+        return await png_response(x, headers)
+    named = {**(headers or {}), "X-Model": model.name, "X-Model-Version": model.version}
+    return await binary_response(answer, x, named)
 
 
 def _model_fields(model: ModelRuntime) -> dict[str, Any]:
@@ -77,8 +149,8 @@ def encoding(model: ModelRuntime, mu: np.ndarray, sigma: np.ndarray) -> Response
 
 
 async def decoded(request: Request, model: ModelRuntime, x: np.ndarray, fmt: ImageFormat) -> Response:
-    if wants_png(request):
-        return await png_response(x)
+    if (other := await image_answer(request, model, x)) is not None:
+        return other
     return FastJSONResponse({**_model_fields(model), "format": fmt, "images": await image_payload(x, fmt)})
 
 
@@ -94,8 +166,8 @@ async def samples(
 ) -> Response:
     # The seed travels in a header too, so a PNG sample can be reproduced as well.
     headers = {"X-Seed": str(seed)}
-    if wants_png(request):
-        return await png_response(x, headers)
+    if (other := await image_answer(request, model, x, headers)) is not None:
+        return other
     body: dict[str, Any] = {
         **_model_fields(model),
         "format": fmt,
@@ -111,8 +183,8 @@ async def samples(
 async def reconstruction(
     request: Request, model: ModelRuntime, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray, fmt: ImageFormat
 ) -> Response:
-    if wants_png(request):
-        return await png_response(x)
+    if (other := await image_answer(request, model, x)) is not None:
+        return other
     return FastJSONResponse(
         {
             **_model_fields(model),
@@ -137,4 +209,5 @@ def model_info(model: ModelRuntime, default: str) -> dict[str, Any]:
         "dataset": dataset.get("name") if isinstance(dataset, dict) else dataset,
         "created_at": manifest.get("created_at"),
         "metrics": manifest.get("metrics") or {},
+        "latent_map": latent_map.of(model) is not None,
     }

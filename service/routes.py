@@ -10,9 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import FiniteFloat
 from starlette.responses import Response
 
-from service import responses
+from service import latent_map, responses
 from service.auth import require_api_key
-from service.errors import TooManyItems
+from service.errors import NoLatentMap, TooManyItems
 from service.inference import Inference
 from service.inputs import ImageInput, image_input, latents, require_json
 from service.latents import MAX_SEED, random_seed
@@ -24,6 +24,7 @@ from service.schemas import (
     Health,
     ImageFormat,
     ImageRequest,
+    LatentMapResponse,
     ModelInfo,
     ModelsResponse,
     Problem,
@@ -227,6 +228,26 @@ async def list_models(serving: Serving) -> dict[str, Any]:
 async def get_model(name: str, serving: Serving) -> dict[str, Any]:
     registry, _ = serving
     return responses.model_info(registry.get(name), registry.default)
+
+
+@api.get(
+    "/models/{name}/latent-map",
+    response_model=LatentMapResponse,
+    tags=["models"],
+    summary="Posterior means of test digits by class, from the model's report",
+    responses={404: {"model": Problem, "description": "Unknown model, or one whose artifact has no map."}},
+)
+async def get_latent_map(name: str, serving: Serving) -> Response:
+    registry, _ = serving
+    model = registry.get(name)
+    found = latent_map.of(model)
+    if found is None:
+        raise NoLatentMap(
+            f"model {name!r} has no latent map (its artifact carries no report/latent_map.json); "
+            "GET /models shows which models have one"
+        )
+    # Serialised once when the model loaded: the same bytes for every request.
+    return Response(found.body, media_type="application/json")
 
 
 @api.get(

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from service import artifact
+from service import artifact, latent_map
 from service.errors import UnknownModel
 from service.settings import Settings
 
@@ -57,6 +57,8 @@ class TorchScriptRuntime:
         self.latent_dim = art.latent_dim
         self.device = str(device)
         self.manifest = art.manifest
+        # The report's latent map (for the explorer page): read and checked once, here at load.
+        self.latent_map = latent_map.read(art)
         self._device = device
 
     @classmethod
@@ -165,6 +167,32 @@ def selected_models(settings: Settings) -> list[tuple[str, str | None]]:
     return settings.model_specs() or [(name, None) for name in artifact.list_models(settings.model_store)]
 
 
+class ModelRefused(RuntimeError):
+    """An artifact that verified but cannot be served: its model crashed or misbehaved on its
+    warm-up run. The message says how, in one line."""
+
+
+def load_model(path: Path, device: torch.device, warm_up: bool = True) -> tuple[ModelRuntime, float]:
+    """Loads, verifies and (optionally) warms up one artifact; returns it and the warm-up's
+    seconds. The one place a runtime is built, at startup (load_registry) and on reload
+    (service.reload), so anything that wraps runtimes belongs here to apply to both.
+    Raises ArtifactError (missing, tampered, wrong shapes) or ModelRefused (crashed)."""
+    try:
+        runtime = TorchScriptRuntime.load(path, device)
+    except artifact.ArtifactError:
+        raise
+    except Exception as exc:  # one unloadable model must not take the others (or the server) down
+        raise ModelRefused(f"{path}: it could not be loaded ({type(exc).__name__}: {exc})") from exc
+    if not warm_up:
+        return runtime, 0.0
+    try:
+        return runtime, runtime.warm_up()
+    except artifact.ArtifactError:
+        raise
+    except Exception as exc:  # a model that crashes on warm-up must not take the others down
+        raise ModelRefused(f"it failed its warm-up run ({type(exc).__name__}: {exc})") from exc
+
+
 def load_registry(settings: Settings) -> ModelRegistry:
     """Loads, verifies and warms every selected model. A model that fails is logged in one
     line and skipped; NoModelsError when none is left."""
@@ -187,19 +215,9 @@ def load_registry(settings: Settings) -> ModelRegistry:
     for name, version in specs:
         try:
             path = artifact.resolve(store, name, version)
-            runtime = TorchScriptRuntime.load(path, device)
-            seconds = runtime.warm_up() if settings.warmup else 0.0
-        except artifact.ArtifactError as exc:
+            runtime, seconds = load_model(path, device, warm_up=settings.warmup)
+        except (artifact.ArtifactError, ModelRefused) as exc:
             log.error("refusing model %s%s: %s", name, f" {version}" if version else "", exc)
-            continue
-        except Exception as exc:  # a model that crashes on warm-up must not take the others down
-            log.error(
-                "refusing model %s%s: it failed its warm-up run (%s: %s)",
-                name,
-                f" {version}" if version else "",
-                type(exc).__name__,
-                exc,
-            )
             continue
         models[name] = runtime
         log.info(

@@ -233,6 +233,9 @@ class ModelInfo(BaseModel):
     dataset: str | None = Field(None, description="The name of the dataset it was trained on.")
     created_at: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict, description="The manifest's evaluation metrics.")
+    latent_map: bool = Field(
+        False, description="Whether GET /models/{name}/latent-map has this model's map of test digits."
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -258,6 +261,50 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
+class LatentMapProjection(BaseModel):
+    axes: list[list[FiniteFloat]] = Field(
+        min_length=2,
+        max_length=2,
+        description="Two orthonormal axes in latent space, latent_dim numbers each: the map's "
+        "point (x, y) stands for z = x * axes[0] + y * axes[1].",
+    )
+
+
+class LatentMapData(BaseModel):
+    """report/latent_map.json as the trainer writes it into the artifact."""
+
+    description: str = ""
+    projection: LatentMapProjection | None = Field(
+        description="null when latent_dim is 2 (the coordinates are z itself), else the projection."
+    )
+    class_names: list[str] = Field(min_length=1)
+    points: list[tuple[FiniteFloat, FiniteFloat, int]] = Field(
+        description="[x, y, label] per test digit: its posterior mean, label an index into class_names."
+    )
+
+
+class LatentMapResponse(LatentMapData):
+    model: str
+    version: str
+    latent_dim: int
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "mnist-2d",
+                    "version": "v1",
+                    "latent_dim": 2,
+                    "description": "posterior means of test digits",
+                    "projection": None,
+                    "class_names": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+                    "points": [[0.41, -1.3, 7], [-0.2, 0.93, 2]],
+                },
+            ]
+        }
+    )
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
@@ -265,6 +312,46 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: Literal["ready"] = "ready"
     models: list[str]
+
+
+class ReloadedModel(BaseModel):
+    model: str
+    previous: str | None = Field(description="The version served before; null for a model new to the store.")
+    version: str = Field(description="The version served from now on.")
+
+
+class RefusedModel(BaseModel):
+    model: str
+    version: str = Field(description="The version that was refused.")
+    serving: str | None = Field(description="The version that keeps serving; null if none was served.")
+    reason: str = Field(description="Why, in one line: the file and the check that failed.")
+
+
+class ReloadReport(BaseModel):
+    """What a reload changed. Sent with 200 when every new version was loaded; when one was
+    refused, the same members come inside a 409 problem (urn:vae:problem:reload-refused)."""
+
+    trigger: Literal["api", "sighup"]
+    loaded: list[ReloadedModel] = Field(description="Models now served at a new version.")
+    refused: list[RefusedModel] = Field(description="New versions that failed their checks.")
+    serving: dict[str, str] = Field(description="Every served model and its version, after the reload.")
+    default: str
+    seconds: float
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "trigger": "api",
+                    "loaded": [{"model": "mnist", "previous": "v1", "version": "v2"}],
+                    "refused": [],
+                    "serving": {"mnist": "v2", "mnist-2d": "v1"},
+                    "default": "mnist",
+                    "seconds": 0.42,
+                }
+            ]
+        }
+    )
 
 
 class ProblemItem(BaseModel):

@@ -56,6 +56,32 @@ class Settings(BaseSettings):
         description="Worker threads that run model calls; "
         "1 runs one forward pass at a time, each using torch_threads.",
     )
+    # Micro-batching (service.batching); the defaults are measured in docs/performance.md.
+    batching: bool = Field(
+        True, description="Merge concurrent requests for the same model and operation into one forward pass."
+    )
+    batch_max_size: int = Field(
+        32, ge=1, le=4096, description="Most images or latents in one merged forward pass."
+    )
+    batch_max_wait_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long a free inference thread waits for more requests to fill a batch, in ms; "
+        "0 takes what is queued (requests still merge while the threads are busy).",
+    )
+    batch_exact: bool = Field(
+        True,
+        description="Run every forward pass with exactly batch_max_size rows (zero-padded), so that "
+        "results are bit-for-bit the same whichever requests share a batch.",
+    )
+    queue_max: int = Field(
+        2048,
+        ge=1,
+        description="Most images or latents waiting per model and operation; "
+        "beyond it requests get 503 with Retry-After.",
+    )
+    access_log: bool = Field(True, description="Log one line per request (uvicorn's access log).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
     max_images: int = Field(256, ge=1, description="Most images (or latent rows for /decode) in one request.")
     max_samples: int = Field(1024, ge=1, description="Largest n for /sample and /sample.png.")
@@ -71,11 +97,16 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         None,
-        description="When set, every endpoint but /healthz, /readyz, /docs "
-        "and /openapi.json needs header `X-API-Key: <key>` or "
+        description="When set, every endpoint but /healthz, /readyz, /docs, "
+        "/openapi.json and the explorer page's files (/, /static) needs header `X-API-Key: <key>` or "
         "`Authorization: Bearer <key>`.",
     )
     warmup: bool = Field(True, description="Run each model once at startup, before reporting ready.")
+    allow_reload_without_key: bool = Field(
+        False,
+        description="Let POST /admin/reload run when no API key is set (otherwise it answers 403): "
+        "only for a server that nobody but its operators can reach. SIGHUP needs no key.",
+    )
 
     @field_validator("models", "cors_origins", mode="before")
     @classmethod

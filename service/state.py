@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -12,6 +13,9 @@ from service.metrics import Metrics
 from service.runtime import ModelRegistry
 from service.settings import Settings
 
+if TYPE_CHECKING:
+    from service.reload import Reloader
+
 
 @dataclass
 class ServiceState:
@@ -20,13 +24,17 @@ class ServiceState:
     registry: ModelRegistry | None = None
     inference: Inference | None = None
     ready: bool = False
+    # Replaces `registry` with a new one when new model versions are served (service.reload).
+    reloader: Reloader | None = None
 
 
-def get_state(request: Request) -> ServiceState:
+# Dependencies are async on purpose: FastAPI runs a sync dependency on its thread pool, a
+# round trip that costs more than the lookup (three per request on the hot path otherwise).
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.vae
 
 
-def serving(request: Request) -> tuple[ModelRegistry, Inference]:
+async def serving(request: Request) -> tuple[ModelRegistry, Inference]:
     """The loaded models and the pool, or 503 while the app is starting or stopping."""
     state: ServiceState = request.app.state.vae
     if not state.ready or state.registry is None or state.inference is None:

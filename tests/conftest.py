@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import random
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,13 @@ needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason=f"real MNIST not found in
 
 
 def make_artifact(
-    store: Path, name: str, latent_dim: int, seed: int = 0, version: str | None = None, **manifest_extra
+    store: Path,
+    name: str,
+    latent_dim: int,
+    seed: int = 0,
+    version: str | None = None,
+    report_files: dict[str, bytes] | None = None,
+    **manifest_extra,
 ) -> artifact.Artifact:
     """An untrained (randomly initialised) but fully valid artifact: fast, and enough to test
     everything that does not depend on what the model learned."""
@@ -37,13 +46,36 @@ def make_artifact(
         "metrics": {},
         **manifest_extra,
     }
-    return artifact.write_artifact(store, name, to_torchscript(vae), manifest, version=version)
+    return artifact.write_artifact(
+        store, name, to_torchscript(vae), manifest, report_files=report_files, version=version
+    )
+
+
+def synthetic_latent_map(latent_dim: int, points_per_class: int = 30, seed: int = 0) -> dict[str, bytes]:
+    """report/latent_map.json as the trainer writes it, with made-up points: ten classes in
+    clusters around a circle. For latent_dim > 2 the projection axes are the first two unit
+    vectors (orthonormal, as the trainer's PCA axes are)."""
+    rng = random.Random(seed)
+    points = []
+    for label in range(10):
+        cx, cy = 1.6 * math.cos(label * math.pi / 5), 1.6 * math.sin(label * math.pi / 5)
+        for _ in range(points_per_class):
+            points.append([round(rng.gauss(cx, 0.35), 4), round(rng.gauss(cy, 0.35), 4), label])
+    axes = [[1.0 if i == k else 0.0 for i in range(latent_dim)] for k in (0, 1)]
+    data = {
+        "description": "synthetic test clusters",
+        "projection": None if latent_dim == 2 else {"axes": axes},
+        "class_names": [str(k) for k in range(10)],
+        "points": points,
+    }
+    return {"latent_map.json": json.dumps(data).encode()}
 
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store with two small random models: `tiny` (latent_dim 8) and `tiny-2d`."""
+    """A model store with two small random models: `tiny` (latent_dim 8) and `tiny-2d`, which
+    carries a synthetic latent map."""
     store = tmp_path_factory.mktemp("store")
     make_artifact(store, "tiny", latent_dim=8)
-    make_artifact(store, "tiny-2d", latent_dim=2, seed=1)
+    make_artifact(store, "tiny-2d", latent_dim=2, seed=1, report_files=synthetic_latent_map(2))
     return store

@@ -43,6 +43,11 @@ def make_settings(store: Path, **overrides: Any) -> Settings:
         "cors_origins": [],
         "api_key": None,
         "warmup": True,
+        "batching": True,
+        "batch_max_size": 32,
+        "batch_max_wait_ms": 0.0,
+        "batch_exact": True,
+        "queue_max": 2048,
     }
     values.update(overrides)
     return Settings(**values)

@@ -72,6 +72,7 @@ def test_health_readiness_and_models(api: InProcess) -> None:
         "dataset": "synthetic",
         "created_at": "2026-01-01T00:00:00Z",
         "metrics": {},
+        "latent_map": True,
     }
 
 

@@ -57,10 +57,13 @@ class SlowRuntime:
         return np.full((len(z), 28, 28), 0.5, np.float32)
 
 
-def serve_double(tiny_store: Path, delay: float, threads: int) -> tuple[InProcess, SlowRuntime]:
+def serve_double(
+    tiny_store: Path, delay: float, threads: int, **settings: Any
+) -> tuple[InProcess, SlowRuntime]:
     runtime = SlowRuntime(delay)
     registry = ModelRegistry({"slow": runtime}, "slow")
-    return InProcess(create_app(make_settings(tiny_store, inference_threads=threads), registry)), runtime
+    app = create_app(make_settings(tiny_store, inference_threads=threads, **settings), registry)
+    return InProcess(app), runtime
 
 
 def test_the_double_implements_the_runtime_interface() -> None:
@@ -90,7 +93,8 @@ def test_inference_does_not_block_the_event_loop(tiny_store: Path) -> None:
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_the_inference_pool_bounds_concurrent_model_calls(tiny_store: Path, threads: int) -> None:
-    served, runtime = serve_double(tiny_store, delay=0.15, threads=threads)
+    # One request per forward pass (batches of 1 row), so that the calls can overlap.
+    served, runtime = serve_double(tiny_store, delay=0.15, threads=threads, batch_max_size=1)
 
     async def burst(client: httpx.AsyncClient) -> list[int]:
         calls = [client.post("/decode", json={"z": [[0, 0, 0]]}) for _ in range(6)]

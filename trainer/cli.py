@@ -49,9 +49,9 @@ def main(
     dataset: Annotated[
         str, typer.Option(help="mnist, fashion-mnist, or a label for any IDX directory")
     ] = "mnist",
-    data_dir: Annotated[Path, typer.Option(help="directory with the four IDX files")] = Path(
-        "../shared/data/mnist"
-    ),
+    data_dir: Annotated[
+        Path, typer.Option(help="directory with the four IDX files", envvar="VAE_DATA_DIR")
+    ] = Path("../shared/data/mnist"),
     download: Annotated[bool, typer.Option(help="download a known dataset into --data-dir first")] = False,
     epochs: int = 130,
     batch_size: int = 128,
@@ -63,9 +63,17 @@ def main(
     kl_warmup_epochs: float = 10.0,
     free_bits: float = 0.0,
     seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda, mps")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
-    out: Annotated[Path, typer.Option(help="model store to write the artifact into")] = REPO_STORE,
+    device: Annotated[
+        str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda, mps", envvar="VAE_TRAIN_DEVICE")
+    ] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch CPU threads (default: torch's choice)", envvar="VAE_TRAIN_THREADS"),
+    ] = None,
+    # The same variable as the server's store: in a container both point at the shared volume.
+    out: Annotated[
+        Path, typer.Option(help="model store to write the artifact into", envvar="VAE_MODEL_STORE")
+    ] = REPO_STORE,
     workdir: Annotated[Path | None, typer.Option(help="checkpoints (default runs/<name>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the workdir's checkpoint")] = True,
     iwae_k: Annotated[int, typer.Option(help="importance samples for the NLL estimate (0 = skip)")] = 1000,

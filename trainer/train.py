@@ -205,12 +205,15 @@ def train(
             state.history.append(row)
             state.epoch += 1
             save_checkpoint(ckpt_path, model, opt, cfg, state, generator)
-            (tqdm.write if progress else print)(
+            summary = (
                 f"epoch {row['epoch']:>3}  train -ELBO {row['loss']:.2f} "
                 f"(rec {row['reconstruction']:.2f} + kl {row['kl']:.2f})  "
-                f"test -ELBO {row['test_neg_elbo']:.2f}  [{state.wall_time_s / 60:.1f} min]",
-                flush=True,
+                f"test -ELBO {row['test_neg_elbo']:.2f}  [{state.wall_time_s / 60:.1f} min]"
             )
+            if progress:
+                tqdm.write(summary)
+            else:
+                print(summary, flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {ckpt_path} holds epoch {state.epoch}; run the same command to resume")
         raise

@@ -1,0 +1,352 @@
+"""Dynamic micro-batching: concurrent calls of one operation on one model share a forward pass.
+
+A forward pass of 32 latents costs little more than one of a single latent, while every
+request would otherwise pay a whole pass (and a trip to the worker thread) for itself. So
+each (model, op) pair gets a Batcher: requests put their validated arrays in its queue and
+await a future; whenever an inference thread is free, the Batcher takes up to `max_size`
+rows from the queue (waiting at most `max_wait` after the oldest one arrived for more to
+come), runs them through the model in one call on that thread, and hands every request its
+own rows back.
+
+- **Exact results** (`exact`, the default). CPU kernels compute a row differently, in the
+  last bits, depending on how many rows share the call (matrix-vector below 2 rows,
+  different blocking and thread splits above; measured in docs/performance.md). Left alone,
+  the same seed would give images that differ by ~1e-7 depending on which requests it was
+  batched with. In exact mode every forward pass has the same shape, `max_size` rows: the
+  batch is padded with zero rows and larger ones run as several passes. A row's output then
+  depends on that row alone, so batched, unbatched and repeated requests agree bit for bit.
+  The same fixed shape also keeps TorchScript from re-optimising its graph for every new
+  batch size, which costs a stall of tens of milliseconds to seconds each time.
+- **Failure isolation.** Inputs are validated before they are queued. If the merged pass
+  still raises (a model bug, out of memory), each request of the batch is retried on its
+  own, so only the requests whose rows fail get the error.
+- **Bounded queue.** At most `queue_max` rows wait per (model, op); a request that would
+  exceed it is refused at once with 503 and `Retry-After`, rather than waiting behind an
+  ever longer queue (a client that retries elsewhere or later does better than one whose
+  request times out).
+- **Reload.** Batchers are found by the runtime object itself, weakly: a replaced model
+  version keeps its batcher while requests that already hold it are in flight (their rows
+  are served by that version), and both are freed once the last one has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from service.errors import ProblemError
+from service.metrics import Metrics
+from service.runtime import ModelRuntime, TorchScriptRuntime
+
+log = logging.getLogger("service.batching")
+
+Op = Literal["encode", "decode"]
+Outputs = tuple[np.ndarray, ...]  # encode: (mu, sigma); decode: (images,)
+
+
+class Overloaded(ProblemError):
+    """The model's queue is full: answered 503 with Retry-After."""
+
+    status, slug, title = 503, "overloaded", "Server overloaded"
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How requests are merged (Settings: VAE_BATCH_*, VAE_QUEUE_MAX)."""
+
+    max_size: int = 32  # rows per forward pass
+    max_wait: float = 0.0  # seconds to wait for more rows once a thread is free
+    queue_max: int = 2048  # rows waiting per (model, op) before 503
+    exact: bool = True  # every pass exactly max_size rows (padded): results independent of batching
+
+
+def forward(model: ModelRuntime, op: Op, x: np.ndarray) -> Outputs:
+    if op == "encode":
+        return model.encode(x)
+    return (model.decode(x),)
+
+
+def forward_rows(model: ModelRuntime, op: Op, x: np.ndarray, policy: BatchPolicy) -> Outputs:
+    """The model on x, in passes of at most max_size rows; in exact mode every pass has
+    exactly max_size rows (the last one padded with zeros, its padding dropped)."""
+    size = policy.max_size
+    if len(x) <= size and not policy.exact:
+        return forward(model, op, x)
+    parts: list[Outputs] = []
+    for start in range(0, len(x), size):
+        chunk = x[start : start + size]
+        rows = len(chunk)
+        if policy.exact and rows < size:
+            padded = np.zeros((size, *x.shape[1:]), dtype=x.dtype)
+            padded[:rows] = chunk
+            chunk = padded
+        parts.append(tuple(out[:rows] for out in forward(model, op, chunk)))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(np.concatenate(outs) for outs in zip(*parts, strict=True))
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future[Outputs]
+    queued_at: float
+
+
+class Batcher:
+    """One (model, op)'s queue and the task that drains it. Created on first use."""
+
+    def __init__(
+        self,
+        model: ModelRuntime,
+        op: Op,
+        policy: BatchPolicy,
+        executor: Executor,
+        slots: asyncio.Semaphore,
+        metrics: Metrics,
+        warmed: weakref.WeakSet[ModelRuntime] | None = None,
+    ) -> None:
+        # Weak: a model replaced by a reload must be freed once its last request is served;
+        # queued requests hold it strongly until then.
+        self._model = weakref.ref(model)
+        self.name = model.name
+        self.op = op
+        self.policy = policy
+        self._executor = executor
+        self._slots = slots  # one per inference thread, shared by every Batcher of the pool
+        self._warmed = warmed  # models already run at the batch shape (None: do not warm up here)
+        self._queue: deque[_Item] = deque()
+        self.queued_rows = 0
+        self._drainer: asyncio.Task[None] | None = None
+        self._full: asyncio.Future[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        # Labelled children looked up once: .labels() takes a lock and a dict lookup per call.
+        self._m_batch_rows = metrics.batch_size.labels(model.name, op)
+        self._m_batch_requests = metrics.batch_requests.labels(model.name, op)
+        self._m_queue_wait = metrics.queue_wait.labels(model.name, op)
+        self._m_inference = metrics.inference.labels(model.name, op)
+        self._m_queued = metrics.queued_rows.labels(model.name, op)
+        self._m_rejected = metrics.rejected.labels(model.name, op)
+
+    async def submit(self, x: np.ndarray) -> Outputs:
+        rows = len(x)
+        limit = self.policy.queue_max
+        # An empty queue takes any request, so that one larger than the limit still runs.
+        if self.queued_rows and self.queued_rows + rows > limit:
+            self._m_rejected.inc()
+            raise Overloaded(
+                f"model {self.name!r} has {self.queued_rows} rows queued for {self.op} and takes at most "
+                f"{limit} (VAE_QUEUE_MAX); retry in a moment or spread the load over more replicas",
+                headers={"Retry-After": "1"},
+            )
+        loop = asyncio.get_running_loop()
+        item = _Item(x, loop.create_future(), time.perf_counter())
+        self._queue.append(item)
+        self.queued_rows += rows
+        self._m_queued.set(self.queued_rows)
+        if self._full is not None and self.queued_rows >= self.policy.max_size and not self._full.done():
+            self._full.set_result(None)
+        if self._drainer is None:
+            self._drainer = loop.create_task(self._drain(), name=f"batcher {self.name} {self.op}")
+        return await item.future
+
+    async def _drain(self) -> None:
+        """Forms batches while requests are queued, then ends (the next submit starts a new one)."""
+        try:
+            while self._queue:
+                await self._slots.acquire()
+                try:
+                    await self._gather_more()
+                    batch = self._take()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if not batch:
+                    self._slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            self._drainer = None
+
+    async def _gather_more(self) -> None:
+        """Waits up to max_wait after the oldest queued request for the batch to fill up."""
+        if self.policy.max_wait <= 0 or self.queued_rows >= self.policy.max_size or not self._queue:
+            return
+        remaining = self._queue[0].queued_at + self.policy.max_wait - time.perf_counter()
+        if remaining <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._full = loop.create_future()
+        timer = loop.call_later(remaining, _resolve, self._full)
+        try:
+            await self._full
+        finally:
+            timer.cancel()
+            self._full = None
+
+    def _take(self) -> list[_Item]:
+        """Up to max_size rows from the front of the queue; at least one request, however large."""
+        batch: list[_Item] = []
+        rows = 0
+        while self._queue:
+            item = self._queue[0]
+            if batch and rows + len(item.x) > self.policy.max_size:
+                break
+            self._queue.popleft()
+            self.queued_rows -= len(item.x)
+            if item.future.done():  # the client went away (cancelled) while it waited
+                continue
+            batch.append(item)
+            rows += len(item.x)
+        self._m_queued.set(self.queued_rows)
+        return batch
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, self._run_batch, batch)
+            for item, result in zip(batch, results, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+        except BaseException as exc:  # the executor itself failed (shut down): nobody may hang
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._slots.release()
+
+    def _run_batch(self, batch: list[_Item]) -> list[Outputs | BaseException]:
+        """On the inference thread: one merged pass, split back per request."""
+        started = time.perf_counter()
+        for item in batch:
+            self._m_queue_wait.observe(started - item.queued_at)
+        model = self._model()
+        if model is None:  # cannot happen while requests hold it; said plainly if it ever does
+            error = RuntimeError(f"model {self.name} was unloaded while requests for it were queued")
+            return [error] * len(batch)
+        if self._warmed is not None and model not in self._warmed and needs_warm_up(model):
+            # A model that did not go through Inference.warm_up (loaded by a reload): its
+            # first batch pays the warm-up, once, rather than every new shape a stall.
+            self._warmed.add(model)
+            warm_up_rows(model, self.policy)
+        x = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
+        self._m_batch_rows.observe(len(x))
+        self._m_batch_requests.observe(len(batch))
+        try:
+            outputs = forward_rows(model, self.op, x, self.policy)
+        except Exception as exc:
+            if len(batch) == 1:
+                return [exc]
+            log.warning(
+                "model %s: a merged %s pass of %d requests (%d rows) failed (%s: %s); "
+                "retrying each request on its own so that only the failing ones get the error",
+                self.name,
+                self.op,
+                len(batch),
+                len(x),
+                type(exc).__name__,
+                exc,
+            )
+            return [self._alone(model, item) for item in batch]
+        finally:
+            self._m_inference.observe(time.perf_counter() - started)
+        return _split(outputs, [len(item.x) for item in batch])
+
+    def _alone(self, model: ModelRuntime, item: _Item) -> Outputs | BaseException:
+        try:
+            return forward_rows(model, self.op, item.x, self.policy)
+        except Exception as exc:
+            return exc
+
+    async def drained(self) -> None:
+        """Returns once nothing is queued or running here."""
+        while self._queue or self._running or self._drainer is not None:
+            pending = [*self._running, *([self._drainer] if self._drainer else [])]
+            if pending:
+                await asyncio.wait(pending)
+            else:
+                await asyncio.sleep(0.001)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _split(outputs: Outputs, sizes: Sequence[int]) -> list[Outputs | BaseException]:
+    if len(sizes) == 1:
+        return [outputs]
+    bounds = np.cumsum(sizes)[:-1]
+    per_output = [np.split(out, bounds) for out in outputs]
+    return [tuple(parts) for parts in zip(*per_output, strict=True)]
+
+
+class Batchers:
+    """The Batchers of one inference pool, by (runtime, op); runtimes are held weakly."""
+
+    def __init__(self, policy: BatchPolicy, executor: Executor, threads: int, metrics: Metrics) -> None:
+        self.policy = policy
+        self._executor = executor
+        self._metrics = metrics
+        self._threads = threads
+        self._slots: asyncio.Semaphore | None = None  # made on the event loop, at first use
+        self.warmed: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()
+        self._by_model: weakref.WeakKeyDictionary[ModelRuntime, dict[Op, Batcher]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self, model: ModelRuntime, op: Op) -> Batcher:
+        ops = self._by_model.get(model)
+        if ops is None:
+            ops = self._by_model[model] = {}
+        batcher = ops.get(op)
+        if batcher is None:
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self._threads)
+            batcher = ops[op] = Batcher(
+                model, op, self.policy, self._executor, self._slots, self._metrics, self.warmed
+            )
+        return batcher
+
+    def all(self) -> list[Batcher]:
+        return [b for ops in list(self._by_model.values()) for b in ops.values()]
+
+    async def drained(self) -> None:
+        for batcher in self.all():
+            await batcher.drained()
+
+
+def needs_warm_up(model: ModelRuntime) -> bool:
+    """TorchScript optimises per input shape on first use; other runtimes (test doubles) need
+    no warm-up."""
+    return isinstance(model, TorchScriptRuntime)
+
+
+def warm_up_rows(model: ModelRuntime, policy: BatchPolicy, runs: int = 3) -> float:
+    """Runs both ops at the shape exact mode uses, a few times: TorchScript's profiling
+    executor optimises a graph for a shape only after it has run it, and that first
+    optimisation (tens of ms here, much more on a loaded machine) must not land on a
+    client's request. Returns the seconds it took."""
+    started = time.perf_counter()
+    x = np.zeros((policy.max_size, 28, 28), np.float32)
+    for _ in range(runs):
+        mu, _sigma = forward_rows(model, "encode", x, policy)
+        forward_rows(model, "decode", mu, policy)
+    return time.perf_counter() - started

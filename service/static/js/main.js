@@ -1,0 +1,293 @@
+// The explorer page: wires the panels to the API. Each panel reports its own errors in its
+// status line; a 401 anywhere opens the API-key form.
+
+import { api, getApiKey, pngSrc, setApiKey } from "./api.js";
+import { renderPosterior } from "./charts.js";
+import { DrawPad } from "./draw.js";
+import { LatentMapView, PALETTE } from "./latentmap.js";
+import { $, busyFlag, digitImage, LatestOnly, showError, showStatus } from "./ui.js";
+
+const state = { models: [], model: null };
+const modelSelect = $("#model");
+const globalStatus = $("#global-status");
+const reportBug = (error) => showError(globalStatus, error);
+
+// ------------------------------------------------------------------ models and API key
+
+async function loadModels() {
+  showStatus(globalStatus, "Loading the list of models\u2026");
+  try {
+    const { default: preferred, models } = await api.models();
+    state.models = models;
+    fillModelSelect(preferred);
+    fillMapSelect();
+    showStatus(globalStatus, "");
+    refreshAll();
+  } catch (error) {
+    showError(globalStatus, error);
+  }
+}
+
+function describeModel(m) {
+  return `${m.name} ${m.version} \u2013 latent_dim ${m.latent_dim}${m.default ? ", default" : ""}`;
+}
+
+function fillModelSelect(preferred) {
+  const keep = state.model;
+  modelSelect.replaceChildren(...state.models.map((m) => new Option(describeModel(m), m.name)));
+  const names = state.models.map((m) => m.name);
+  state.model = names.includes(keep) ? keep : names.includes(preferred) ? preferred : names[0];
+  modelSelect.value = state.model;
+  modelSelect.disabled = !state.models.length;
+  updateModelInfo();
+}
+
+function updateModelInfo() {
+  const m = state.models.find((item) => item.name === state.model);
+  const test = m?.metrics?.test;
+  $("#model-info").textContent = test?.neg_elbo
+    ? `test -ELBO ${test.neg_elbo.toFixed(1)} nats (KL ${test.kl.toFixed(1)}), trained on ${m.dataset}`
+    : m ? `trained on ${m.dataset ?? "unknown data"}` : "";
+}
+
+modelSelect.addEventListener("change", () => {
+  state.model = modelSelect.value;
+  updateModelInfo();
+  refreshAll();
+});
+
+function refreshAll() {
+  if (!mainPad.empty) encodeDrawing();
+  drawSamples();
+  if ($("#interp-strip").childElementCount) interpolate();
+  if (!mapView.map) loadMap();
+}
+
+const keyPanel = $("#key-panel");
+$("#api-key").value = getApiKey();
+$("#key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  setApiKey($("#api-key").value.trim());
+  loadModels();
+});
+$("#key-forget").addEventListener("click", () => {
+  setApiKey("");
+  $("#api-key").value = "";
+});
+document.addEventListener("api-unauthorized", () => {
+  if (!keyPanel.open) {
+    keyPanel.open = true;
+    $("#api-key").focus();
+  }
+});
+
+// ------------------------------------------------------------------ encoder panel
+
+const encodeStatus = $("#encode-status");
+const reconstruction = $("#reconstruction");
+const chartHint = $("#posterior-chart").firstElementChild; // shown while there is no digit
+let lastEncoding = null;
+
+const encoder = new LatestOnly(
+  ({ model, image }) => api.reconstruct(model, [image]),
+  {
+    onResult: (answer) => {
+      lastEncoding = answer;
+      reconstruction.src = pngSrc(answer.images[0]);
+      reconstruction.alt = `Reconstruction of your digit by ${answer.model}`;
+      showEncoding();
+      showStatus(encodeStatus, "");
+    },
+    onError: (error) => showError(encodeStatus, error),
+    onBusy: busyFlag($("#encode-panel")),
+  },
+);
+
+function showEncoding() {
+  if (!lastEncoding) return;
+  const { mu, sigma, model, version } = lastEncoding;
+  const total = renderPosterior($("#posterior-chart"), mu[0], sigma[0], { sortByKl: $("#sort-kl").checked });
+  $("#kl-total").textContent =
+    `KL(q(z|x) \u2016 N(0, I)) = ${total.toFixed(2)} nats over ${mu[0].length} dimensions (${model} ${version})`;
+}
+
+function clearEncoding() {
+  lastEncoding = null;
+  reconstruction.src = "/static/blank.png";
+  reconstruction.alt = "Reconstruction: none yet";
+  $("#posterior-chart").replaceChildren(chartHint);
+  $("#kl-total").textContent = "";
+  showStatus(encodeStatus, "");
+}
+
+function encodeDrawing() {
+  if (mainPad.empty) clearEncoding();
+  else if (state.model) encoder.request({ model: state.model, image: mainPad.image() });
+}
+
+const mainPad = new DrawPad($("[data-pad=main]"), { onChange: encodeDrawing, onError: reportBug });
+$("#sort-kl").addEventListener("change", showEncoding);
+
+// ------------------------------------------------------------------ sampling panel
+
+const sampleForm = $("#sample-form");
+const sampleStatus = $("#sample-status");
+
+const sampler = new LatestOnly(
+  ({ model, n, seed, temperature }) => api.sample(model, n, seed, temperature),
+  {
+    onResult: (answer) => {
+      const images = answer.images.map((b64, i) => digitImage(b64, `Sample ${i + 1} of ${answer.images.length}`));
+      $("#sample-grid").replaceChildren(...images);
+      $("#sample-seed-used").textContent =
+        `Seed ${answer.seed}, temperature ${answer.temperature}, ${answer.model} ${answer.version}. ` +
+        "Enter the seed to draw these again.";
+      showStatus(sampleStatus, "");
+    },
+    onError: (error) => showError(sampleStatus, error),
+    onBusy: busyFlag($("#sample-panel")),
+  },
+);
+
+function drawSamples() {
+  // Also called when the model changes: never send what the form itself would refuse.
+  if (!state.model || !sampleForm.checkValidity()) return;
+  const seedText = $("#sample-seed").value.trim();
+  sampler.request({
+    model: state.model,
+    n: Number($("#sample-n").value),
+    seed: seedText === "" ? null : Number(seedText),
+    temperature: Number($("#sample-temperature").value),
+  });
+}
+
+sampleForm.addEventListener("submit", (event) => {
+  event.preventDefault(); // the browser has checked the fields' ranges before this fires
+  drawSamples();
+});
+
+// ------------------------------------------------------------------ latent map panel
+
+const mapSelect = $("#map-model");
+const mapStatus = $("#map-status");
+const mapDecoded = $("#map-decoded");
+
+const mapDecoder = new LatestOnly(({ model, z }) => api.decode(model, [z]), {
+  onResult: (answer, { point, label }) => {
+    mapDecoded.src = pngSrc(answer.images[0]);
+    mapDecoded.alt = `Decoded digit at (${point.map((v) => v.toFixed(2)).join(", ")})`;
+    $("#map-z").textContent = `(${point.map((v) => v.toFixed(2)).join(", ")}); nearest test digit: ${label}`;
+    showStatus(mapStatus, "");
+  },
+  onError: (error) => showError(mapStatus, error),
+  minGapMs: 30, // a few dozen decodes a second at most, however fast the pointer moves
+});
+
+const mapView = new LatentMapView($("#map"), {
+  onPick: (point) => {
+    const map = mapView.map;
+    const [label] = mapView.nearest(point);
+    mapDecoder.request({
+      model: map.model,
+      z: mapView.toLatent(point),
+      point,
+      label: label === null ? "none" : map.class_names[label],
+    });
+  },
+});
+
+function fillMapSelect() {
+  const withMaps = state.models.filter((m) => m.latent_map);
+  const keep = mapSelect.value;
+  mapSelect.replaceChildren(...withMaps.map((m) => new Option(`${m.name} (latent_dim ${m.latent_dim})`, m.name)));
+  mapSelect.disabled = !withMaps.length;
+  // The 2-D model first: its map is its whole latent space, not a slice of it.
+  const preferred = withMaps.find((m) => m.name === keep) ?? withMaps.find((m) => m.latent_dim === 2) ?? withMaps[0];
+  if (preferred) mapSelect.value = preferred.name;
+  else {
+    mapView.clear();
+    showStatus(mapStatus, "None of the loaded models carries a latent map (report/latent_map.json in its artifact).");
+  }
+}
+
+async function loadMap() {
+  const name = mapSelect.value;
+  if (!name) return;
+  busyFlag($("#map-panel"))(true);
+  try {
+    const map = await api.latentMap(name);
+    if (mapSelect.value !== name) return; // the user picked another model meanwhile
+    mapView.setData(map);
+    fillLegend(map.class_names);
+    $("#map-explain").textContent = map.projection
+      ? `${map.model} has ${map.latent_dim} latent dimensions. The map shows the plane of the two main ` +
+        "(PCA) axes of its test digits' means; the cursor decodes x\u00b7axis\u2081 + y\u00b7axis\u2082, every " +
+        "other direction at the prior's mean, 0. Pick a 2-D model to see a whole latent space."
+      : `${map.model} has 2 latent dimensions: the map is its whole latent space, and the cursor is z itself.`;
+    showStatus(mapStatus, "");
+  } catch (error) {
+    mapView.clear();
+    showError(mapStatus, error);
+  } finally {
+    busyFlag($("#map-panel"))(false);
+  }
+}
+
+function fillLegend(classNames) {
+  $("#map-legend").replaceChildren(
+    ...classNames.map((name, i) => {
+      const item = document.createElement("li");
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.backgroundColor = PALETTE[i % PALETTE.length]; // CSSOM, which the CSP allows
+      item.append(swatch, name);
+      return item;
+    }),
+  );
+}
+
+mapSelect.addEventListener("change", loadMap);
+
+// ------------------------------------------------------------------ interpolation panel
+
+const interpStatus = $("#interp-status");
+const padA = new DrawPad($("[data-pad=a]"), { onError: reportBug });
+const padB = new DrawPad($("[data-pad=b]"), { onError: reportBug });
+
+async function interpolateTask({ model, a, b, steps }) {
+  const ends = await api.reconstruct(model, [a, b]);
+  const [muA, muB] = ends.mu;
+  const ts = Array.from({ length: steps }, (_, i) => i / (steps - 1));
+  const z = ts.map((t) => muA.map((value, d) => (1 - t) * value + t * muB[d]));
+  return { ts, decoded: await api.decode(model, z) };
+}
+
+const interpolator = new LatestOnly(interpolateTask, {
+  onResult: ({ ts, decoded }) => {
+    $("#interp-strip").replaceChildren(
+      ...decoded.images.map((b64, i) => digitImage(b64, `Step ${i + 1}: t = ${ts[i].toFixed(2)} from A to B`)),
+    );
+    showStatus(interpStatus, `${ts.length} points on the straight line from \u03bc_A to \u03bc_B, decoded by ${decoded.model}.`);
+  },
+  onError: (error) => showError(interpStatus, error),
+  onBusy: busyFlag($("#interp-panel")),
+});
+
+function interpolate() {
+  if (!$("#interp-form").checkValidity()) return;
+  if (padA.empty || padB.empty) {
+    showStatus(interpStatus, "Draw or drop a digit in both A and B first.", "error");
+    return;
+  }
+  interpolator.request({ model: state.model, a: padA.image(), b: padB.image(), steps: Number($("#interp-steps").value) });
+}
+
+$("#interp-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  interpolate();
+});
+
+// A file dropped next to a pad would make the browser leave the page to show it.
+for (const type of ["dragover", "drop"]) window.addEventListener(type, (event) => event.preventDefault());
+
+loadModels();

@@ -1,0 +1,97 @@
+"""The models shipped in model_store/: intact, loadable, and as good as their manifests say.
+
+The manifest's figures were measured by `vae-train` on the full test set; here a part of
+that measurement is repeated (on real MNIST when ../shared has it), so a manifest can't
+claim what the model does not do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from service import artifact
+from tests.conftest import MNIST_DIR, SHIPPED_STORE, needs_mnist
+from trainer.classifier import load_classifier, predict
+from trainer.data import load_split
+
+SHIPPED = {"mnist": 32, "mnist-2d": 2}
+
+
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def shipped(request: pytest.FixtureRequest) -> tuple[torch.jit.ScriptModule, artifact.Artifact]:
+    return artifact.load(artifact.resolve(SHIPPED_STORE, request.param))
+
+
+def test_shipped_models_verify_and_honour_the_contract(shipped) -> None:
+    model, art = shipped
+    assert art.latent_dim == SHIPPED[art.name]
+    assert art.manifest["dataset"]["name"] == "mnist"
+    assert art.manifest["dataset"]["train_images"] == 60000
+    mu, sigma = model.encode(torch.rand(3, 1, 28, 28))
+    assert mu.shape == (3, art.latent_dim) and (sigma > 0).all()
+    x = model.decode(torch.randn(5, art.latent_dim))
+    assert x.shape == (5, 1, 28, 28) and float(x.min()) >= 0 and float(x.max()) <= 1
+    assert art.manifest["metrics"]["test"]["iwae_k"] >= 500
+    for rel in art.manifest["report"]["figures"]:
+        assert rel in art.manifest["files"]
+
+
+def test_default_model_meets_the_likelihood_and_budget_targets() -> None:
+    manifest = artifact.verify(artifact.resolve(SHIPPED_STORE, "mnist"))
+    test = manifest["metrics"]["test"]
+    assert test["images"] == 10000 and test["iwae_k"] >= 500
+    assert test["iwae_nll"] <= 85.0
+    assert manifest["training"]["wall_time_s"] <= 3600
+    assert manifest["training"]["device"] == "cpu"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 2: the shipped mnist v1 has 72% confident prior samples (target 80%) and 98.8% "
+    "class-keeping reconstructions (target 99%); a better model is still to be trained",
+)
+def test_default_model_meets_the_sample_quality_targets() -> None:
+    quality = artifact.verify(artifact.resolve(SHIPPED_STORE, "mnist"))["metrics"]["sample_quality"]
+    assert quality["samples"] == 5000 and quality["confidence_threshold"] == 0.9
+    assert quality["min_class_share"] >= 0.05
+    assert quality["confident_share"] >= 0.80
+    assert quality["reconstruction_accuracy"] >= 0.99
+
+
+def test_prior_sample_quality_matches_the_manifest(shipped) -> None:
+    """A fresh draw (not the manifest's seed), judged by the same classifier, agrees with
+    what the manifest records: its figures are measurements, not claims."""
+    model, art = shipped
+    if art.name != "mnist":
+        pytest.skip("sample quality is recorded for the default model")
+    recorded = art.manifest["metrics"]["sample_quality"]
+    z = torch.randn(2000, art.latent_dim, generator=torch.Generator().manual_seed(12345))
+    with torch.no_grad():
+        labels, confidence = predict(load_classifier(), model.decode(z))
+    confident = confidence >= recorded["confidence_threshold"]
+    assert abs(float(confident.float().mean()) - recorded["confident_share"]) < 0.04
+    shares = np.bincount(labels[confident].numpy(), minlength=10) / int(confident.sum())
+    assert shares.min() >= 0.04  # every digit appears: no class is missing from the prior
+
+
+@needs_mnist
+def test_manifest_metrics_are_reproduced_on_real_digits(shipped) -> None:
+    model, art = shipped
+    test = load_split(MNIST_DIR, "test", "mnist")
+    x = torch.from_numpy(np.array(test.images[:2000])).float().div(255).unsqueeze(1)
+    with torch.no_grad():
+        mu, sigma = model.encode(torch.bernoulli(x, generator=torch.Generator().manual_seed(0)))
+        logits_free = model.decode(mu + sigma * torch.randn_like(sigma)).clamp(1e-6, 1 - 1e-6)
+    xb = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
+    rec = -(xb * logits_free.log() + (1 - xb) * (1 - logits_free).log()).flatten(1).sum(1).mean()
+    kl = (0.5 * (mu**2 + sigma**2 - 1) - sigma.log()).sum(1).mean()
+    recorded = art.manifest["metrics"]["test"]
+    # 2,000 of the 10,000 images, another binarisation: agreement within a couple of nats.
+    assert abs(float(rec + kl) - recorded["neg_elbo"]) < 3.0
+    assert abs(float(kl) - recorded["kl"]) < 1.5
+    if art.name == "mnist":
+        with torch.no_grad():
+            labels, _ = predict(load_classifier(), model(x))
+        accuracy = (labels.numpy() == test.labels[:2000]).mean()
+        assert abs(accuracy - art.manifest["metrics"]["sample_quality"]["reconstruction_accuracy"]) < 0.01

@@ -332,12 +332,16 @@ def main(argv: list[str] | None = None) -> None:
         metavar="VAE_NAME=VALUE",
         help="a setting for our server (repeatable), e.g. --set VAE_BATCH_MAX_SIZE=16",
     )
+    parser.add_argument(
+        "--workload", choices=[w.key for w in WORKLOADS], action="append", help="run only these workloads"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     duration = args.duration or (5.0 if args.quick else 15.0)
     warmup = 3.0 if args.warmup is None else args.warmup
     soak = args.soak or (10.0 if args.quick else 60.0)
     servers = args.only or ["plain", "ours", "ceiling"]
+    workloads = [w for w in WORKLOADS if not args.workload or w.key in args.workload]
     wrk = require_wrk()
     store = Path(args.model_store)
     versions = sorted(
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         if "plain" in servers:
             env = clean_env(VAE_BENCH_MODEL=str(model_dir))
             with running("plain", uvicorn_argv("bench.plain_app:app"), env, work) as server:
-                for workload in WORKLOADS:
+                for workload in workloads:
                     results.append(measure(wrk, server, workload, work, duration, warmup))
                     print(_line(results[-1]), flush=True)
         if "ours" in servers:
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
                 first, median = first_request_vs_median(server, work)
                 extra["first_ms"], extra["median_ms"] = first, median
                 w1_bytes = len(server.request("/sample", (work / "sample1.json").read_bytes()))
-                for workload in WORKLOADS:
+                for workload in workloads:
                     results.append(measure(wrk, server, workload, work, duration, warmup))
                     print(_line(results[-1]), flush=True)
                 # RSS: after the warm-up above, then after a long W1 run.

@@ -23,7 +23,8 @@ def test_round_trip_and_contract(store: Path) -> None:
     assert art.name == "m" and art.version == "v1" and art.latent_dim == 4
     for batch in (1, 7, 2000):
         x = torch.rand(batch, 1, 28, 28)
-        mu, sigma = model.encode(x)
+        with torch.no_grad():
+            mu, sigma = model.encode(x)
         assert mu.shape == sigma.shape == (batch, 4)
         assert (sigma > 0).all()
         images = model.decode(mu)

@@ -6,6 +6,7 @@ vae-serve --port 8000                         (the same, with command-line optio
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -58,6 +59,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             await state.inference.warm_up(list(state.registry))
         state.reloader = Reloader(state)
         sighup = state.reloader.install_sighup()  # POST /admin/reload works either way
+        # What is loaded by now (torch, the models, the app) lives as long as the process: take
+        # it out of the garbage collector's sight, or every full collection walks it all,
+        # pausing every request for ~100 ms (docs/performance.md).
+        gc.collect()
+        gc.freeze()
         state.ready = True
         state.metrics.ready.set(1)
         log.info(

@@ -33,7 +33,7 @@ from service.schemas import (
     SampleRequest,
     SampleResponse,
 )
-from service.state import ServiceState, get_state, serving
+from service.state import ServiceState, get_state, serving, serving_now
 
 Serving = Annotated[tuple[ModelRegistry, Inference], Depends(serving)]
 State = Annotated[ServiceState, Depends(get_state)]
@@ -107,8 +107,8 @@ probes = APIRouter(tags=["operations"])
     openapi_extra=IMAGE_REQUEST_BODY,
     summary="Images -> posterior mean, standard deviation and KL",
 )
-async def encode(serving: Serving, inputs: Annotated[ImageInput, Depends(image_input)]) -> Response:
-    registry, inference = serving
+async def encode(request: Request, inputs: Annotated[ImageInput, Depends(image_input)]) -> Response:
+    registry, inference, _ = serving_now(request)
     model = registry.get(inputs.model)
     mu, sigma = await inference.encode(model, inputs.pixels)
     return responses.encoding(model, mu, sigma)
@@ -122,10 +122,8 @@ async def encode(serving: Serving, inputs: Annotated[ImageInput, Depends(image_i
     responses=PNG_RESPONSE,
     summary="Images -> decode(mu), with mu and sigma",
 )
-async def reconstruct(
-    request: Request, serving: Serving, inputs: Annotated[ImageInput, Depends(image_input)]
-) -> Response:
-    registry, inference = serving
+async def reconstruct(request: Request, inputs: Annotated[ImageInput, Depends(image_input)]) -> Response:
+    registry, inference, _ = serving_now(request)
     model = registry.get(inputs.model)
     mu, sigma = await inference.encode(model, inputs.pixels)
     x = await inference.decode(model, mu)
@@ -143,12 +141,10 @@ async def reconstruct(
 async def decode(
     request: Request,
     body: DecodeRequest,
-    serving: Serving,
-    state: State,
     model: ModelQuery = None,
     format: FormatQuery = None,
 ) -> Response:
-    registry, inference = serving
+    registry, inference, state = serving_now(request)
     runtime = registry.get(body.model or model)
     z = latents(body.z, runtime.latent_dim, runtime.name, state.settings)
     x = await inference.decode(runtime, z)
@@ -167,12 +163,10 @@ async def decode(
 async def sample(
     request: Request,
     body: SampleRequest,
-    serving: Serving,
-    state: State,
     model: ModelQuery = None,
     format: FormatQuery = None,
 ) -> Response:
-    registry, inference = serving
+    registry, inference, state = serving_now(request)
     runtime = registry.get(body.model or model)
     _check_samples(body.n, state)
     seed = random_seed() if body.seed is None else body.seed

@@ -36,7 +36,14 @@ async def get_state(request: Request) -> ServiceState:
 
 async def serving(request: Request) -> tuple[ModelRegistry, Inference]:
     """The loaded models and the pool, or 503 while the app is starting or stopping."""
+    registry, inference, _ = serving_now(request)
+    return registry, inference
+
+
+def serving_now(request: Request) -> tuple[ModelRegistry, Inference, ServiceState]:
+    """What `serving` checks, as a plain call, for the model endpoints: each FastAPI
+    dependency costs a few percent of a small request's time (docs/performance.md)."""
     state: ServiceState = request.app.state.vae
     if not state.ready or state.registry is None or state.inference is None:
         raise NotReady("the models are not loaded (the server is starting or shutting down); retry shortly")
-    return state.registry, state.inference
+    return state.registry, state.inference, state

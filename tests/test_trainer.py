@@ -40,38 +40,19 @@ def tiny_config(data_dir: Path, epochs: int = 2, **kw) -> TrainConfig:
     )
 
 
+def toy_cli_args(data_dir: Path, store: Path, workdir: Path, iwae_k: int) -> list[str]:
+    """vae-train's arguments for a two-epoch run of a tiny model on the synthetic data."""
+    options = {
+        "--name": "toy", "--dataset": "synthetic", "--data-dir": data_dir, "--epochs": 2,
+        "--batch-size": 50, "--latent-dim": 3, "--channels": 8, "--hidden": 32, "--device": "cpu",
+        "--out": store, "--workdir": workdir, "--iwae-k": iwae_k,
+    }  # fmt: skip
+    return [*(str(part) for pair in options.items() for part in pair), "--no-progress"]
+
+
 def test_cli_trains_evaluates_and_writes_a_loadable_artifact(data_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    result = CliRunner().invoke(
-        cli.app,
-        [
-            "--name",
-            "toy",
-            "--dataset",
-            "synthetic",
-            "--data-dir",
-            str(data_dir),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "50",
-            "--latent-dim",
-            "3",
-            "--channels",
-            "8",
-            "--hidden",
-            "32",
-            "--device",
-            "cpu",
-            "--out",
-            str(store),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--iwae-k",
-            "20",
-            "--no-progress",
-        ],
-    )
+    result = CliRunner().invoke(cli.app, toy_cli_args(data_dir, store, tmp_path / "work", iwae_k=20))
     assert result.exit_code == 0, result.output
     path = store / "toy" / "v1"
     model, art = artifact.load(path)
@@ -105,36 +86,7 @@ def test_cli_trains_evaluates_and_writes_a_loadable_artifact(data_dir: Path, tmp
     assert mu.shape == (5, 3) and (sigma > 0).all()
 
     # A second run of the same command resumes the finished checkpoint and writes v2.
-    again = CliRunner().invoke(
-        cli.app,
-        [
-            "--name",
-            "toy",
-            "--dataset",
-            "synthetic",
-            "--data-dir",
-            str(data_dir),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "50",
-            "--latent-dim",
-            "3",
-            "--channels",
-            "8",
-            "--hidden",
-            "32",
-            "--device",
-            "cpu",
-            "--out",
-            str(store),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--iwae-k",
-            "0",
-            "--no-progress",
-        ],
-    )
+    again = CliRunner().invoke(cli.app, toy_cli_args(data_dir, store, tmp_path / "work", iwae_k=0))
     assert again.exit_code == 0, again.output
     assert artifact.list_versions(store, "toy") == ["v1", "v2"]
 

@@ -25,6 +25,7 @@ from service.reload import Reloader
 from service.runtime import ModelRegistry, load_registry
 from service.settings import Settings
 from service.state import ServiceState
+from service.warmup import warm_up_requests
 
 log = logging.getLogger("service.app")
 
@@ -59,13 +60,15 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             await state.inference.warm_up(list(state.registry))
         state.reloader = Reloader(state)
         sighup = state.reloader.install_sighup()  # POST /admin/reload works either way
+        state.ready = True
+        state.metrics.ready.set(1)
+        if settings.warmup:  # the first client request must not pay for first calls (service.warmup)
+            await warm_up_requests(app, settings)
         # What is loaded by now (torch, the models, the app) lives as long as the process: take
         # it out of the garbage collector's sight, or every full collection walks it all,
         # pausing every request for ~100 ms (docs/performance.md).
         gc.collect()
         gc.freeze()
-        state.ready = True
-        state.metrics.ready.set(1)
         log.info(
             "ready: serving %s (default %s) with %d inference thread(s)%s",
             ", ".join(f"{m.name} {m.version}" for m in state.registry),

@@ -127,7 +127,8 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self.queued_rows = 0
         self._drainer: asyncio.Task[None] | None = None
-        self._full: asyncio.Future[None] | None = None
+        self._full: asyncio.Future[None] | None = None  # resolved when max_size rows are queued
+        self._wake: asyncio.Future[None] | None = None  # resolved when a pass ends or the batch fills
         self._running: set[asyncio.Task[None]] = set()
         # Labelled children looked up once: .labels() takes a lock and a dict lookup per call.
         self._m_batch_rows = metrics.batch_size.labels(model.name, op)
@@ -153,8 +154,9 @@ class Batcher:
         self._queue.append(item)
         self.queued_rows += rows
         self._m_queued.set(self.queued_rows)
-        if self._full is not None and self.queued_rows >= self.policy.max_size and not self._full.done():
-            self._full.set_result(None)
+        if self.queued_rows >= self.policy.max_size:
+            _resolve(self._full)
+            _resolve(self._wake)
         if self._drainer is None:
             self._drainer = loop.create_task(self._drain(), name=f"batcher {self.name} {self.op}")
         return await item.future
@@ -163,6 +165,17 @@ class Batcher:
         """Forms batches while requests are queued, then ends (the next submit starts a new one)."""
         try:
             while self._queue:
+                if self._running and self.queued_rows < self.policy.max_size:
+                    # A pass of this model and op is running: a partial batch waits for it to
+                    # end (growing meanwhile), and only a full one starts beside it on another
+                    # inference thread. Parallel passes of a few rows each would take the
+                    # cores the event loop needs (W1 -10 % with 2 threads, docs/performance.md).
+                    self._wake = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._wake
+                    finally:
+                        self._wake = None
+                    continue
                 await self._slots.acquire()
                 try:
                     await self._gather_more()
@@ -231,6 +244,10 @@ class Batcher:
                 raise
         finally:
             self._slots.release()
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.discard(task)  # before waking the drainer, which looks at _running
+            _resolve(self._wake)
 
     def _run_batch(self, batch: list[_Item]) -> list[Outputs | BaseException]:
         """On the inference thread: one merged pass, split back per request."""
@@ -285,8 +302,8 @@ class Batcher:
                 await asyncio.sleep(0.001)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
         future.set_result(None)
 
 

@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from service.app import create_app
+    from service.inference import tune_process
     from service.runtime import NoModelsError, load_registry
 
+    settings = tune_process(settings)
     try:
         registry = load_registry(settings)
     except NoModelsError as exc:

@@ -64,6 +64,41 @@ async def require_json(request: Request) -> None:
         )
 
 
+# The `model` and `format` query parameters of /decode and /sample, read by query_options
+# rather than declared on the routes: FastAPI's per-request handling of declared parameters
+# cost ~10 % of W1's requests per second (docs/performance.md). Documented here instead.
+QUERY_OPTIONS_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "model",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "A loaded model's name; overridden by the body's `model`.",
+        },
+        {
+            "name": "format",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": ["png", "array"]},
+            "description": "png or array; overridden by the body's `format`.",
+        },
+    ]
+}
+
+
+def query_options(request: Request) -> tuple[str | None, ImageFormat | None]:
+    """The `model` and `format` query parameters (None when absent); a bad format is the
+    same 422 validation-error a declared parameter would give."""
+    params = request.query_params
+    fmt = params.get("format")
+    if fmt is not None and fmt not in ("png", "array"):
+        raise RequestValidationError(
+            [{"type": "literal_error", "loc": ("query", "format"), "msg": "Input should be 'png' or 'array'"}]
+        )
+    return params.get("model") or None, fmt  # type: ignore[return-value]
+
+
 def parse_invert(value: str | bool | None) -> bool | None:
     """'auto' -> None (decide per image); true/false (or 1/0, yes/no) force it."""
     if value is None or isinstance(value, bool):

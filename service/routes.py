@@ -14,7 +14,14 @@ from service import latent_map, responses
 from service.auth import require_api_key
 from service.errors import NoLatentMap, TooManyItems
 from service.inference import Inference
-from service.inputs import ImageInput, image_input, latents, require_json
+from service.inputs import (
+    QUERY_OPTIONS_OPENAPI,
+    ImageInput,
+    image_input,
+    latents,
+    query_options,
+    require_json,
+)
 from service.latents import MAX_SEED, random_seed
 from service.runtime import ModelRegistry
 from service.schemas import (
@@ -22,7 +29,6 @@ from service.schemas import (
     DecodeResponse,
     EncodeResponse,
     Health,
-    ImageFormat,
     ImageRequest,
     LatentMapResponse,
     ModelInfo,
@@ -39,9 +45,6 @@ Serving = Annotated[tuple[ModelRegistry, Inference], Depends(serving)]
 State = Annotated[ServiceState, Depends(get_state)]
 ModelQuery = Annotated[
     str | None, Query(description="A loaded model's name; overridden by the body's `model`.")
-]
-FormatQuery = Annotated[
-    ImageFormat | None, Query(description="png or array; overridden by the body's `format`.")
 ]
 
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
@@ -136,15 +139,12 @@ async def reconstruct(request: Request, inputs: Annotated[ImageInput, Depends(im
     tags=["model"],
     responses=PNG_RESPONSE,
     dependencies=[Depends(require_json)],
+    openapi_extra=QUERY_OPTIONS_OPENAPI,
     summary="Latent vectors -> images",
 )
-async def decode(
-    request: Request,
-    body: DecodeRequest,
-    model: ModelQuery = None,
-    format: FormatQuery = None,
-) -> Response:
+async def decode(request: Request, body: DecodeRequest) -> Response:
     registry, inference, state = serving_now(request)
+    model, format = query_options(request)
     runtime = registry.get(body.model or model)
     z = latents(body.z, runtime.latent_dim, runtime.name, state.settings)
     x = await inference.decode(runtime, z)
@@ -158,15 +158,12 @@ async def decode(
     tags=["model"],
     responses=PNG_RESPONSE,
     dependencies=[Depends(require_json)],
+    openapi_extra=QUERY_OPTIONS_OPENAPI,
     summary="Draw images from the prior",
 )
-async def sample(
-    request: Request,
-    body: SampleRequest,
-    model: ModelQuery = None,
-    format: FormatQuery = None,
-) -> Response:
+async def sample(request: Request, body: SampleRequest) -> Response:
     registry, inference, state = serving_now(request)
+    model, format = query_options(request)
     runtime = registry.get(body.model or model)
     _check_samples(body.n, state)
     seed = random_seed() if body.seed is None else body.seed

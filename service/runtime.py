@@ -72,17 +72,24 @@ class TorchScriptRuntime:
             )
         return cls(model, art, device)
 
+    # As few torch calls as possible around the model, shapes changed in numpy: every torch
+    # call from Python lets go of the GIL and must take it back, and on a busy server each
+    # take-back can wait a whole GIL switch interval (docs/performance.md).
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(1).to(self._device)
+            batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)[:, None])
+            if self._device.type != "cpu":
+                batch = batch.to(self._device)
             mu, sigma = self.model.encode(batch)
             # mu and sigma are usually views into one tensor: copy them out contiguous for orjson
             return _to_numpy(mu), _to_numpy(sigma)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            latents = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(self._device)
-            return _to_numpy(self.model.decode(latents).squeeze(1))
+            latents = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+            if self._device.type != "cpu":
+                latents = latents.to(self._device)
+            return _to_numpy(self.model.decode(latents))[:, 0]
 
     def warm_up(self) -> float:
         """Runs both methods once (the first TorchScript call compiles and allocates) and
@@ -103,6 +110,8 @@ class TorchScriptRuntime:
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad:
+        return np.ascontiguousarray(t.numpy())  # no torch call: see TorchScriptRuntime.encode
     return np.ascontiguousarray(t.detach().float().cpu().numpy())
 
 

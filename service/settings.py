@@ -50,11 +50,11 @@ class Settings(BaseSettings):
         "0 leaves torch's default (one per physical core).",
     )
     inference_threads: int = Field(
-        1,
+        2,
         ge=1,
         le=64,
-        description="Worker threads that run model calls; "
-        "1 runs one forward pass at a time, each using torch_threads.",
+        description="Worker threads that run model calls, each pass using torch_threads; with "
+        "batching, a second pass runs beside a first only for a full batch (docs/performance.md).",
     )
     # Micro-batching (service.batching); the defaults are measured in docs/performance.md.
     batching: bool = Field(

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from service import artifact
+from service.app import create_app
+from tests.service_support import Direct, InProcess, make_settings
 from trainer.export import to_torchscript
 from trainer.model import VAE, VAEConfig
 
@@ -79,3 +82,17 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_artifact(store, "tiny", latent_dim=8)
     make_artifact(store, "tiny-2d", latent_dim=2, seed=1, report_files=synthetic_latent_map(2))
     return store
+
+
+# The default in-process app and direct model calls over `tiny_store`; a module that needs other
+# settings defines its own `api` fixture, which takes precedence.
+@pytest.fixture(scope="module")
+def api(tiny_store: Path) -> Iterator[InProcess]:
+    served = InProcess(create_app(make_settings(tiny_store)))
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_store: Path) -> Direct:
+    return Direct(tiny_store, "tiny")

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from service_support import Direct, InProcess, decode_png, drawn_digit, encoded, make_settings, png
+from service_support import Direct, InProcess, decode_png, drawn_digit, encoded, png
 from typer.testing import CliRunner
 
 from service import client_cli
-from service.app import create_app
 from service.client import (
     AsyncVAEClient,
     Encoding,
@@ -32,18 +31,6 @@ from service.client import (
 from service.images import grid, to_uint8
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def api(tiny_store: Path) -> Iterator[InProcess]:
-    served = InProcess(create_app(make_settings(tiny_store)))
-    yield served
-    served.close()
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_store: Path) -> Direct:
-    return Direct(tiny_store, "tiny")
 
 
 def bridge(served: InProcess) -> httpx.MockTransport:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,6 @@ PAGE_FILES = [
     "blank.png",
     *(f"js/{p.name}" for p in sorted((STATIC_DIR / "js").glob("*.js"))),
 ]
-
-
-@pytest.fixture(scope="module")
-def api(tiny_store: Path) -> Iterator[InProcess]:
-    served = InProcess(create_app(make_settings(tiny_store)))
-    yield served
-    served.close()
 
 
 # ---------------------------------------------------------------------------- the page

@@ -6,7 +6,6 @@ import base64
 import logging
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,6 @@ from service.images import grid, png_bytes, to_uint8
 from service.runtime import NoModelsError, load_registry
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def api(tiny_store: Path) -> Iterator[InProcess]:
-    served = InProcess(create_app(make_settings(tiny_store)))
-    yield served
-    served.close()
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_store: Path) -> Direct:
-    return Direct(tiny_store, "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -111,11 +111,6 @@ def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     assert "Application shutdown complete" in log.read_text()
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_store: Path) -> Direct:
-    return Direct(tiny_store, "tiny")
-
-
 def test_startup_logs_each_model_then_ready(server: Server) -> None:
     log = server.log.read_text()
     assert "loaded model tiny v1 from" in log and "latent_dim 8 on cpu, warm-up" in log

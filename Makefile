@@ -7,8 +7,9 @@ TORCH := torch==2.13.0
 MNIST_DIR ?= ../shared/data/mnist
 HOST ?= 127.0.0.1
 PORT ?= 8000
+FUZZ_EXAMPLES ?= 200
 
-.PHONY: serve test install install-dev lint model model-2d bench screenshot clean
+.PHONY: serve test install install-dev lint model model-2d bench screenshot clean fuzz reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +40,21 @@ test: install-dev
 screenshot: install-dev
 	$(BIN)/python tests/screenshot.py docs/explorer.png
 
+# The long fuzzing run: tests/test_fuzz.py (schemathesis over every operation, same checks as
+# in CI) with FUZZ_EXAMPLES examples per operation and kind instead of 15: ~10 000 requests, minutes.
+fuzz: install-dev
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q
+
 lint: install-dev
 	$(BIN)/ruff check service trainer tests bench
 	$(BIN)/ruff format --check service trainer tests bench
+
+# The README's Reliability table: the whole suite (each hardening test records what it tried
+# and saw in tests/output/reliability.md), then the table copied into README.md. Rows of the
+# last `make fuzz` run are kept beside the CI-sized fuzzing rows.
+reliability: install-dev
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m tests.reliability
 
 # The serving benchmark (docs/performance.md): the service against a plain FastAPI app and
 # its own ceiling, driven by wrk on loopback. Several minutes; run it on a quiet machine.

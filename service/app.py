@@ -18,6 +18,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from service import admin, errors, explorer, routes
+from service.admission import AdmissionMiddleware
+from service.auth import ApiKeyGate
 from service.body_limit import BodyLimitMiddleware
 from service.inference import Inference
 from service.metrics import Metrics, RequestMetricsMiddleware
@@ -91,10 +93,17 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.include_router(routes.api)
     app.include_router(routes.probes)
     app.include_router(admin.admin)
-    explorer.install(app)  # the page at / and /static, with its security headers
+    explorer.install(app)  # the page at / and /static
     # add_middleware wraps what is already there: the last added runs first. CORS outermost,
-    # so that even a 413 carries the headers a browser needs to read it.
+    # so that even a 413 carries the headers a browser needs to read it. The key is checked
+    # before the body limit and before FastAPI reads any body (service.auth); the security
+    # headers go on every answer, the gate's 401 and the limit's 413 included.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyGate, secret=settings.api_key.get_secret_value(), routes=app.routes)
+    if settings.max_concurrent_requests:  # before anything reads a body (service.admission)
+        app.add_middleware(AdmissionMiddleware, max_concurrent=settings.max_concurrent_requests)
+    app.add_middleware(explorer.PageHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     if settings.cors_origins:
         app.add_middleware(

@@ -1,18 +1,29 @@
 """The optional API key: `X-API-Key: <key>` or `Authorization: Bearer <key>`.
 
-A dependency rather than a middleware, so /docs shows the scheme and its Authorize
-button works; the open endpoints (/healthz, /readyz, /docs, /openapi.json, and the
-explorer page's files at / and /static) simply do not depend on it."""
+Checked twice, by the same comparison. A dependency on every guarded route, so that /docs
+shows the scheme and its Authorize button works; the open endpoints (/healthz, /readyz,
+/docs, /redoc, /openapi.json, and the explorer page's files at / and /static) simply do not
+depend on it. And ApiKeyGate, a middleware in front of the app, because FastAPI reads and
+parses a JSON body before it runs any dependency: without the gate, a client without the key
+could make the server read and parse 8 MiB of JSON on /decode (and get a 422 that shows it
+did). The gate finds the open routes from the app's own routes, so the two cannot disagree:
+a route is open exactly when it does not depend on require_api_key, and any other path
+(an unknown one included) is closed."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Annotated
 
 from fastapi import Request, Security
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import Unauthorized
+from service.errors import Unauthorized, response_for
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The key set in VAE_API_KEY.")
 bearer = HTTPBearer(auto_error=False, description="The key set in VAE_API_KEY, as a bearer token.")
@@ -34,9 +45,93 @@ async def require_api_key(
     secret = expected.get_secret_value()
     if _matches(key, secret) or _matches(credentials.credentials if credentials else None, secret):
         return
-    said = "a wrong key" if key or credentials else "no key"
-    raise Unauthorized(
+    raise unauthorized(bool(key or credentials))
+
+
+def unauthorized(carried_a_key: bool) -> Unauthorized:
+    said = "a wrong key" if carried_a_key else "no key"
+    return Unauthorized(
         f"this server needs an API key and the request carried {said}; send header "
         "'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
         headers={"WWW-Authenticate": 'Bearer realm="vae"'},
     )
+
+
+def _needs_key(dependant: Dependant) -> bool:
+    return any(d.call is require_api_key or _needs_key(d) for d in dependant.dependencies)
+
+
+def open_paths(routes: Iterable[BaseRoute]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(paths, prefixes) that need no key: routes that do not depend on require_api_key
+    (FastAPI's own /docs and /openapi.json routes included) and mounted static files.
+    An open route with a path parameter would be closed here: the gate fails closed."""
+    paths: set[str] = set()
+    prefixes: list[str] = []
+    for route in served_routes(routes):
+        if isinstance(route, APIRoute):
+            if not _needs_key(route.dependant) and "{" not in route.path:
+                paths.add(route.path)
+        elif isinstance(route, Route) and "{" not in route.path:
+            paths.add(route.path)
+        elif isinstance(route, Mount):
+            paths.add(route.path)
+            prefixes.append(route.path + "/")
+    return frozenset(paths), tuple(prefixes)
+
+
+def served_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes as served. Newer FastAPI keeps each included router as one route object
+    (its routes, with the include's prefix and dependencies applied, come from
+    effective_route_contexts()); without this the gate saw no /healthz or /readyz and
+    closed them. Older FastAPI lists the routes themselves."""
+    for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if contexts is None:
+            yield route
+            continue
+        for context in contexts():
+            yield context.starlette_route or context.original_route
+
+
+class ApiKeyGate:
+    """401 for a request to a guarded path without the key, before anything reads its body.
+    Installed only when VAE_API_KEY is set. Paths are compared as the server received them:
+    `/static/../metrics` is under /static (open), and StaticFiles answers it 404, never
+    /metrics (the router matches the same unnormalised path)."""
+
+    def __init__(self, app: ASGIApp, secret: str, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self._secret = secret
+        self._routes = routes  # the app's route list, complete by the first request
+        self._open: tuple[frozenset[str], tuple[str, ...]] | None = None
+
+    def _is_open(self, path: str) -> bool:
+        if self._open is None:
+            self._open = open_paths(self._routes)
+        paths, prefixes = self._open
+        return path in paths or path.startswith(prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        key, bearer_token = _keys_in(scope)
+        if _matches(key, self._secret) or _matches(bearer_token, self._secret):
+            await self.app(scope, receive, send)
+            return
+        response = response_for(unauthorized(key is not None or bearer_token is not None), scope["path"])
+        await response(scope, receive, send)
+
+
+def _keys_in(scope: Scope) -> tuple[str | None, str | None]:
+    """The X-API-Key header and the Authorization bearer token, read as FastAPI's
+    APIKeyHeader and HTTPBearer read them."""
+    key = token = None
+    for name, value in scope.get("headers", ()):
+        if name == b"x-api-key":
+            key = value.decode("latin-1")
+        elif name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials:
+                token = credentials
+    return key or None, token

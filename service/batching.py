@@ -24,6 +24,9 @@ own rows back.
   exceed it is refused at once with 503 and `Retry-After`, rather than waiting behind an
   ever longer queue (a client that retries elsewhere or later does better than one whose
   request times out).
+- **Deadlines.** A request that gives up (VAE_REQUEST_TIMEOUT_S, service.inference) takes
+  its rows out of the queue; if they are already in a pass, that pass finishes and its
+  result is dropped, and a large request's remaining passes are not run.
 - **Reload.** Batchers are found by the runtime object itself, weakly: a replaced model
   version keeps its batcher while requests that already hold it are in flight (their rows
   are served by that version), and both are freed once the last one has finished.
@@ -36,13 +39,14 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from service import faults
 from service.errors import ProblemError
 from service.metrics import Metrics
 from service.runtime import ModelRuntime, TorchScriptRuntime
@@ -75,14 +79,28 @@ def forward(model: ModelRuntime, op: Op, x: np.ndarray) -> Outputs:
     return (model.decode(x),)
 
 
-def forward_rows(model: ModelRuntime, op: Op, x: np.ndarray, policy: BatchPolicy) -> Outputs:
+class Abandoned(Exception):
+    """Every request of a batch gave up (VAE_REQUEST_TIMEOUT_S) before its passes were done."""
+
+
+def forward_rows(
+    model: ModelRuntime,
+    op: Op,
+    x: np.ndarray,
+    policy: BatchPolicy,
+    abandoned: Callable[[], bool] | None = None,
+) -> Outputs:
     """The model on x, in passes of at most max_size rows; in exact mode every pass has
-    exactly max_size rows (the last one padded with zeros, its padding dropped)."""
+    exactly max_size rows (the last one padded with zeros, its padding dropped). Raises
+    Abandoned between passes once `abandoned()` says nobody waits for the result: a pass
+    cannot be interrupted, but the passes left of a large request need not run for nobody."""
     size = policy.max_size
     if len(x) <= size and not policy.exact:
         return forward(model, op, x)
     parts: list[Outputs] = []
     for start in range(0, len(x), size):
+        if abandoned is not None and abandoned():
+            raise Abandoned
         chunk = x[start : start + size]
         rows = len(chunk)
         if policy.exact and rows < size:
@@ -95,7 +113,7 @@ def forward_rows(model: ModelRuntime, op: Op, x: np.ndarray, policy: BatchPolicy
     return tuple(np.concatenate(outs) for outs in zip(*parts, strict=True))
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the queue removes the very item that timed out
 class _Item:
     x: np.ndarray
     future: asyncio.Future[Outputs]
@@ -137,6 +155,7 @@ class Batcher:
         self._m_inference = metrics.inference.labels(model.name, op)
         self._m_queued = metrics.queued_rows.labels(model.name, op)
         self._m_rejected = metrics.rejected.labels(model.name, op)
+        self._metrics = metrics  # for service.faults, which counts failures by reason
 
     async def submit(self, x: np.ndarray) -> Outputs:
         rows = len(x)
@@ -159,7 +178,23 @@ class Batcher:
             _resolve(self._wake)
         if self._drainer is None:
             self._drainer = loop.create_task(self._drain(), name=f"batcher {self.name} {self.op}")
-        return await item.future
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # The request gave up (VAE_REQUEST_TIMEOUT_S, or its task was cancelled): rows
+            # still queued leave the queue now, so that they neither run for nobody nor hold
+            # queue room that other requests are refused for. Rows already in a pass finish
+            # there and are discarded.
+            self._forget(item)
+            raise
+
+    def _forget(self, item: _Item) -> None:
+        try:
+            self._queue.remove(item)
+        except ValueError:  # already taken into a pass
+            return
+        self.queued_rows -= len(item.x)
+        self._m_queued.set(self.queued_rows)
 
     async def _drain(self) -> None:
         """Forms batches while requests are queued, then ends (the next submit starts a new one)."""
@@ -267,30 +302,42 @@ class Batcher:
         self._m_batch_rows.observe(len(x))
         self._m_batch_requests.observe(len(batch))
         try:
-            outputs = forward_rows(model, self.op, x, self.policy)
+            outputs = forward_rows(model, self.op, x, self.policy, lambda: _all_done(batch))
+        except Abandoned:
+            return [asyncio.CancelledError()] * len(batch)  # not delivered: every future is done
         except Exception as exc:
             if len(batch) == 1:
-                return [exc]
+                return [faults.failed(model, self.op, len(x), exc, self._metrics)]
             log.warning(
-                "model %s: a merged %s pass of %d requests (%d rows) failed (%s: %s); "
+                "model %s: a merged %s pass of %d requests (%d rows) failed (%s); "
                 "retrying each request on its own so that only the failing ones get the error",
                 self.name,
                 self.op,
                 len(batch),
                 len(x),
-                type(exc).__name__,
-                exc,
+                faults.one_line(exc),
             )
             return [self._alone(model, item) for item in batch]
         finally:
             self._m_inference.observe(time.perf_counter() - started)
-        return _split(outputs, [len(item.x) for item in batch])
+        # NaN or infinity is looked for per request, after the split: a request whose rows
+        # are all finite gets its answer whatever the others' rows held (service.faults).
+        parts = _split(outputs, [len(item.x) for item in batch])
+        return [self._finite(model, part) for part in parts]
+
+    def _finite(self, model: ModelRuntime, outputs: Outputs | BaseException) -> Outputs | BaseException:
+        if isinstance(outputs, BaseException):
+            return outputs
+        return faults.non_finite(model, self.op, outputs, self._metrics) or outputs
 
     def _alone(self, model: ModelRuntime, item: _Item) -> Outputs | BaseException:
         try:
-            return forward_rows(model, self.op, item.x, self.policy)
-        except Exception as exc:
+            outputs = forward_rows(model, self.op, item.x, self.policy, item.future.done)
+        except Abandoned as exc:  # its future is done: nothing is delivered, nothing failed
             return exc
+        except Exception as exc:
+            return faults.failed(model, self.op, len(item.x), exc, self._metrics)
+        return self._finite(model, outputs)
 
     async def drained(self) -> None:
         """Returns once nothing is queued or running here."""
@@ -300,6 +347,12 @@ class Batcher:
                 await asyncio.wait(pending)
             else:
                 await asyncio.sleep(0.001)
+
+
+def _all_done(batch: list[_Item]) -> bool:
+    # Read on the inference thread: done() only reads the future's state, and a stale answer
+    # costs at most one more pass.
+    return all(item.future.done() for item in batch)
 
 
 def _resolve(future: asyncio.Future[None] | None) -> None:

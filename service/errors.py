@@ -88,6 +88,20 @@ class NotReady(ProblemError):
     status, slug, title = 503, "not-ready", "Not ready"
 
 
+class ModelFailed(ProblemError):
+    """The model raised, or returned NaN or infinity, on this request's input (service.faults)."""
+
+    status, slug, title = 500, "model-failed", "Model failed"
+
+
+class RequestTimedOut(ProblemError):
+    """VAE_REQUEST_TIMEOUT_S passed before the model answered. 503, not 504: no gateway is
+    involved, and the cause is this server's capacity, which a retry (here or on another
+    replica) can route around, as for `overloaded`."""
+
+    status, slug, title = 503, "timeout", "Request timed out"
+
+
 class Forbidden(ProblemError):
     status, slug, title = 403, "forbidden", "Forbidden"
 
@@ -182,6 +196,10 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         title = _HTTP_TITLES.get(exc.status_code, "HTTP error")
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and detail == FASTAPI_BODY_PARSE_ERROR:
+            # A JSON body FastAPI could not read other than as a syntax error (not UTF-8 text, or
+            # nested too deeply): the same 422 as any other unreadable JSON body, saying why.
+            return response_for(InvalidRequest(_unreadable_json(exc.__cause__)), request.url.path)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no endpoint at {request.method} {request.url.path}; see /docs for the endpoints"
         elif exc.status_code == 405:
@@ -206,6 +224,20 @@ def install(app: FastAPI) -> None:
             "the server failed to handle this request; the error is in its log",
             instance=request.url.path,
         )
+
+
+# What FastAPI answers (400) when reading a JSON body raises anything but a JSON syntax error.
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+def _unreadable_json(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"it is not UTF-8 text ({cause})"
+    elif isinstance(cause, RecursionError):
+        why = "it is nested too deeply to read"
+    else:
+        why = f"{type(cause).__name__}: {cause}" if cause else "it could not be parsed"
+    return f"the body is not valid JSON ({why}); send a UTF-8 JSON object (see /docs for the fields)"
 
 
 _HTTP_TITLES = {

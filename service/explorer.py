@@ -44,6 +44,10 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 
+# Every other answer (JSON, problem+json, PNG): the browser must take the declared type as
+# it is and never guess one (a PNG or a JSON string sniffed as HTML could run script).
+API_HEADERS = {"X-Content-Type-Options": "nosniff"}
+
 page = APIRouter()
 
 
@@ -57,21 +61,24 @@ def is_page_path(path: str) -> bool:
 
 
 class PageHeadersMiddleware:
-    """Adds PAGE_HEADERS to every answer for the page and its static files (404s included).
-    Only there: /docs loads Swagger UI with inline scripts, and API answers are not pages."""
+    """Adds PAGE_HEADERS to every answer for the page and its static files (404s included),
+    and API_HEADERS to every other answer. The CSP only on the page: /docs loads Swagger UI
+    with inline scripts, and API answers are not pages. Installed by the app outside the
+    body limit and the API key gate, so that their 413 and 401 answers carry the headers too."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_page_path(scope["path"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        added = PAGE_HEADERS if is_page_path(scope["path"]) else API_HEADERS
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                for name, value in PAGE_HEADERS.items():
+                for name, value in added.items():
                     headers[name] = value
             await send(message)
 
@@ -79,7 +86,6 @@ class PageHeadersMiddleware:
 
 
 def install(app: FastAPI) -> None:
-    """Serves the page at / and its files under /static, with PAGE_HEADERS."""
+    """Serves the page at / and its files under /static (the app adds PageHeadersMiddleware)."""
     app.include_router(page)
     app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(PageHeadersMiddleware)

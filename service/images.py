@@ -6,7 +6,8 @@ client can import the PNG and grid helpers and tests can check each step alone.
 The fitting follows LeCun et al.'s normalisation of MNIST, after making the image look
 like MNIST (light ink on a black background); docs/service.md lists the steps:
 
-    1. decode (PNG or JPEG only; width*height checked before any pixel is decoded)
+    1. decode (PNG or JPEG only; width*height checked before any pixel is decoded; every
+       PNG chunk's CRC checked; APNG: its static image), then turn upright by EXIF orientation
     2. composite transparency over a background that contrasts with the ink
     3. grayscale, in [0, 1]
     4. polarity: invert when the ink is darker than the background (or as the caller says)
@@ -21,14 +22,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from service.errors import BlankImage, ImageTooLarge, InvalidImage, InvalidPixels
 
@@ -37,6 +40,13 @@ BOX = 20  # MNIST digits were scaled to fit a 20x20 box inside that frame
 CENTRE = 14  # ... and shifted so that their centre of mass fell on pixel (14, 14)
 NOISE_FLOOR = 0.1  # after contrast stretching, fainter pixels are paper texture or JPEG noise
 MIN_CONTRAST = 0.1  # less than this between background and strongest ink: nothing is drawn
+# A decoded image costs about 14 bytes per pixel on its way to 28x28 (Pillow's copy, float32
+# grey, their temporaries): 230 MiB at the default 16.8 MP limit. Requests are decoded on
+# Starlette's thread pool, up to 40 at once, so images above LARGE_IMAGE_PIXELS take turns
+# through LARGE_DECODES slots: memory stays bounded whatever clients send at once, and small
+# images (every real digit) never wait.
+LARGE_IMAGE_PIXELS = 1024 * 1024
+LARGE_DECODES = threading.BoundedSemaphore(2)
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 
 # Pillow warns (rather than fails) for images between MAX_IMAGE_PIXELS and twice that;
@@ -101,12 +111,68 @@ def _unreadable(data: bytes, label: str, exc: Exception) -> InvalidImage:
     return InvalidImage(f"{label} is {_describe_format(data)}; only PNG and JPEG images are accepted")
 
 
+def _png_damage(data: bytes) -> str | None:
+    """What is broken in a PNG's chunk stream, in words, or None when every chunk up to
+    IEND is complete and matches its CRC.
+
+    Pillow skips the CRC of the image data (IDAT) and stops reading once it has the rows it
+    needs, so without this a flipped byte in IDAT can decode into different pixels, and a
+    file cut after its last IDAT passes, instead of being refused."""
+    view = memoryview(data)
+    pos = 8  # after the signature
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        name = kind.decode("ascii", "backslashreplace")
+        end = pos + 12 + length  # length, type, data, CRC
+        if end > len(data):
+            return f"its {name} chunk at byte {pos} is cut short"
+        if zlib.crc32(view[pos + 4 : end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
+            return f"its {name} chunk at byte {pos} fails its CRC check"
+        if kind == b"IEND":
+            return None  # anything after IEND is not part of the image
+        pos = end
+    return "it ends without an IEND chunk"
+
+
+def _jpeg_damage(data: bytes) -> str | None:
+    """What is missing from a JPEG: its image data, when the end marker follows the first
+    scan's header at once; else None. libjpeg takes that as a premature end and paints a
+    flat grey image rather than failing. (A JPEG has no checksum: other damage inside the
+    scan cannot be told from image data.)"""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        if data[pos + 1] == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if data[pos + 1] == 0xDA:  # SOS: the entropy-coded data follows its header
+            start = pos + 2 + length
+            return "its scan holds no image data" if data[start : start + 2] == b"\xff\xd9" else None
+        pos += 2 + length
+    return None  # a broken marker structure is Pillow's to report
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (phone photos are stored sideways with
+    orientation 6 or 8). A corrupt EXIF block is ignored: the pixels themselves are fine."""
+    if "exif" not in image.info:  # no EXIF block (JPEG APP1, PNG eXIf): skip parsing, ~10 µs
+        return image
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            ImageOps.exif_transpose(image, in_place=True)
+    except Exception:  # Pillow's EXIF parser raises many kinds on a damaged block
+        pass
+    return image
+
+
 def open_image(data: bytes, label: str, max_pixels: int) -> Image.Image:
-    """Opens a PNG or JPEG and decodes its pixels, refusing anything larger than max_pixels.
+    """Opens a PNG or JPEG and checks it, reading only its header and chunk structure: refuses
+    anything larger than max_pixels, or damaged. Its pixels are decoded by load_pixels.
 
     Image.open only reads the header, so the size check runs before any pixel data is
     decompressed: a 100000x100000 PNG of zeros is a few kilobytes and would otherwise
-    expand to 10 GB."""
+    expand to 10 GB. An animated PNG gives its static image (IDAT, normally the first frame)."""
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -123,6 +189,17 @@ def open_image(data: bytes, label: str, max_pixels: int) -> Image.Image:
             f"{max_pixels} pixels ({max_pixels / 1e6:.1f} MP, VAE_MAX_IMAGE_PIXELS). "
             "Downscale it first: digits are fitted into 28x28 anyway"
         )
+    damage = _png_damage(data) if image.format == "PNG" else _jpeg_damage(data)
+    if damage:
+        raise InvalidImage(
+            f"{label} is a {image.format} whose data is damaged ({damage}); "
+            "the file is probably truncated or corrupt"
+        )
+    return image
+
+
+def load_pixels(image: Image.Image, label: str) -> Image.Image:
+    """Decodes the pixels of an image open_image has checked, turned upright by its EXIF."""
     try:
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -132,7 +209,7 @@ def open_image(data: bytes, label: str, max_pixels: int) -> Image.Image:
             f"{label} is a {image.format} whose data could not be decoded ({exc}); "
             "the file is probably truncated or corrupt"
         ) from exc
-    return image
+    return _upright(image)
 
 
 def to_grayscale(image: Image.Image) -> np.ndarray:
@@ -224,16 +301,17 @@ def prepare(data: bytes, label: str, invert: bool | None, max_pixels: int) -> np
 
     invert: None decides from the image (is_dark_on_light), True/False force it."""
     image = open_image(data, label, max_pixels)
-    gray = to_grayscale(image)
-    if invert is None:
-        invert = is_dark_on_light(gray)
-    if invert:
-        gray = 1.0 - gray
-    if gray.shape == (SIDE, SIDE):
-        return gray.astype(
-            np.float32, copy=False
-        )  # already MNIST-sized: a real MNIST digit round-trips exactly
-    return fit_into_frame(gray, label)
+    width, height = image.size
+    slot = LARGE_DECODES if width * height > LARGE_IMAGE_PIXELS else contextlib.nullcontext()
+    with slot:
+        gray = to_grayscale(load_pixels(image, label))
+        if invert is None:
+            invert = is_dark_on_light(gray)
+        if invert:
+            gray = 1.0 - gray
+        if gray.shape == (SIDE, SIDE):
+            return gray.astype(np.float32, copy=False)  # already MNIST-sized: MNIST round-trips exactly
+        return fit_into_frame(gray, label)
 
 
 def prepare_batch(items: Sequence[tuple[str, bytes]], invert: bool | None, max_pixels: int) -> np.ndarray:

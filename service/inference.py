@@ -14,16 +14,18 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
 import torch
 
+from service import faults
 from service.batching import Batchers, BatchPolicy, needs_warm_up, warm_up_rows
+from service.errors import RequestTimedOut
 from service.latents import draw_latents
-from service.metrics import Metrics
+from service.metrics import REQUEST_STARTED, Metrics
 from service.runtime import ModelRuntime
 from service.settings import Settings
 
@@ -52,8 +54,15 @@ def tune_process(settings: Settings) -> Settings:
 
 
 class Inference:
-    def __init__(self, metrics: Metrics, threads: int = 1, batching: BatchPolicy | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        threads: int = 1,
+        batching: BatchPolicy | None = None,
+        timeout: float = 0.0,
+    ) -> None:
         self.metrics = metrics
+        self.timeout = timeout  # VAE_REQUEST_TIMEOUT_S; 0: none
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vae-inference")
         self.batching = batching
         self._batchers = Batchers(batching, self._pool, threads, metrics) if batching else None
@@ -70,7 +79,31 @@ class Inference:
             if settings.batching
             else None
         )
-        return cls(metrics, settings.inference_threads, policy)
+        return cls(metrics, settings.inference_threads, policy, settings.request_timeout_s)
+
+    async def _limited(self, model: ModelRuntime, op: str, work: Awaitable[T]) -> T:
+        """`work`, or 503 `timeout` once the request is VAE_REQUEST_TIMEOUT_S old (counted from
+        its arrival, so the time it queued counts). Cancelling `work` drops its queued rows
+        (service.batching) or its not yet started executor job; a running pass finishes and
+        its result is discarded."""
+        if self.timeout <= 0:
+            return await work
+        started = REQUEST_STARTED.get()
+        remaining = self.timeout if started is None else self.timeout - (time.perf_counter() - started)
+        limit = asyncio.timeout(remaining)
+        try:
+            async with limit:
+                return await work
+        except TimeoutError:
+            if not limit.expired():  # raised by the work itself, not by the deadline
+                raise
+            self.metrics.timeouts.labels(model.name, op).inc()
+            raise RequestTimedOut(
+                f"model {model.name!r} had not computed this request's {op} {self.timeout:g} s after it "
+                "arrived (VAE_REQUEST_TIMEOUT_S), so its queued work was dropped: the server is "
+                "overloaded or the model is slow. Retry in a moment or on another replica",
+                headers={"Retry-After": "1"},
+            ) from None
 
     async def _run(self, model: ModelRuntime, op: str, batch: int, call: Callable[[], T]) -> T:
         queued = time.perf_counter()
@@ -79,24 +112,34 @@ class Inference:
             started = time.perf_counter()
             self.metrics.queue_wait.labels(model.name, op).observe(started - queued)
             try:
-                return call()
+                result = call()
+            except Exception as exc:  # the model failed: this request alone gets 500 model-failed
+                raise faults.failed(model, op, batch, exc, self.metrics) from exc
             finally:
                 self.metrics.inference.labels(model.name, op).observe(time.perf_counter() - started)
+            failure = faults.non_finite(model, op, result, self.metrics)  # type: ignore[arg-type]
+            if failure is not None:
+                raise failure
+            return result
 
         self.metrics.batch_size.labels(model.name, op).observe(batch)
         return await asyncio.get_running_loop().run_in_executor(self._pool, timed)
 
     async def encode(self, model: ModelRuntime, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._batchers is not None:
-            mu, sigma = await self._batchers.get(model, "encode").submit(x)
+            mu, sigma = await self._limited(model, "encode", self._batchers.get(model, "encode").submit(x))
             return mu, sigma
-        return await self._run(model, "encode", len(x), lambda: model.encode(x))
+        return await self._limited(
+            model, "encode", self._run(model, "encode", len(x), lambda: model.encode(x))
+        )
 
     async def decode(self, model: ModelRuntime, z: np.ndarray) -> np.ndarray:
         if self._batchers is not None:
-            (images,) = await self._batchers.get(model, "decode").submit(z)
+            (images,) = await self._limited(model, "decode", self._batchers.get(model, "decode").submit(z))
             return images
-        return await self._run(model, "decode", len(z), lambda: model.decode(z))
+        return await self._limited(
+            model, "decode", self._run(model, "decode", len(z), lambda: model.decode(z))
+        )
 
     async def sample(
         self, model: ModelRuntime, n: int, seed: int, temperature: float
@@ -112,7 +155,7 @@ class Inference:
             z = draw_latents(n, model.latent_dim, seed, temperature)
             return z, model.decode(z)
 
-        return await self._run(model, "decode", n, call)
+        return await self._limited(model, "decode", self._run(model, "decode", n, call))
 
     async def warm_up(self, models: list[ModelRuntime]) -> None:
         """Runs each model at the batch shape before it serves (see batching.warm_up_rows),

@@ -35,6 +35,10 @@ INLINE_BODY_BYTES = 16 * 1024
 INLINE_PIXELS = 64 * 64
 ACCEPTED_FOR_IMAGES = "application/json, multipart/form-data, image/png or image/jpeg"
 T = TypeVar("T")
+# Latents beyond this are refused (422): nothing a decoder learned lives there, and near
+# float32's limit (~3e38) the first layer overflows and the model returns NaN, which would
+# otherwise be a 500 model-failed for what is really bad input (service.faults).
+MAX_ABS_LATENT = 1e6
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,11 @@ def _parse_json(body: bytes) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(
             f'the body is not valid JSON ({exc}); expected an object such as {{"images": ["<base64 PNG>"]}}'
+        ) from exc
+    except RecursionError as exc:  # "[[[[..." a few thousand deep: the parser gives up, not a 500
+        raise InvalidRequest(
+            "the body's JSON is nested too deeply to read; images are at most 3 levels deep "
+            '([B][28][28] pixels), e.g. {"images": ["<base64 PNG>"]}'
         ) from exc
 
 
@@ -268,5 +277,12 @@ def latents(z: list[list[float]], latent_dim: int, model_name: str, settings: Se
         raise InvalidLatents(
             f"z{where} does not fit in a float32; latents must be finite numbers, "
             "typically within a few units of 0"
+        )
+    too_far = np.abs(out) > MAX_ABS_LATENT
+    if too_far.any():
+        row, col = (int(i) for i in np.argwhere(too_far)[0])
+        raise InvalidLatents(
+            f"z[{row}][{col}] is {float(out[row, col]):g}; latents must lie within ±{MAX_ABS_LATENT:g} "
+            "(the prior is a standard normal: useful values are within a few units of 0)"
         )
     return out

@@ -4,12 +4,18 @@ process must not share counters), and the ASGI middleware that counts requests."
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+# When the request being handled arrived (time.perf_counter()), set by the middleware below
+# for the task that serves it: service.inference measures VAE_REQUEST_TIMEOUT_S from it, so
+# time spent waiting for a thread to parse the body or in a model's queue counts too.
+REQUEST_STARTED: ContextVar[float | None] = ContextVar("vae_request_started", default=None)
 
 
 class Metrics:
@@ -72,6 +78,20 @@ class Metrics:
             ["model", "op"],
             registry=r,
         )
+        self.timeouts = Counter(
+            "vae_model_timeouts_total",
+            "Requests answered 503 because the model had not answered within VAE_REQUEST_TIMEOUT_S.",
+            ["model", "op"],
+            registry=r,
+        )
+        # Faults (service.faults): requests answered 500 model-failed because the model raised
+        # (reason="error") or returned NaN or infinity (reason="non_finite").
+        self.model_failures = Counter(
+            "vae_model_failures_total",
+            "Requests whose model call raised or returned NaN/infinity (answered 500 model-failed).",
+            ["model", "op", "reason"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "vae_model_info",
             "Loaded models (value 1).",
@@ -119,6 +139,8 @@ class RequestMetricsMiddleware:
             await send(message)
 
         self.metrics.in_flight.inc()
+        # The clock of VAE_REQUEST_TIMEOUT_S starts here, at arrival (service.inference).
+        REQUEST_STARTED.set(start)
         try:
             await self.app(scope, receive, send_with_status)
         finally:

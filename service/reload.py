@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from starlette.concurrency import run_in_threadpool
 
 from service import artifact
+from service.faults import one_line
 from service.runtime import (
     ModelRefused,
     ModelRegistry,
@@ -201,9 +202,7 @@ class Reloader:
         try:
             await inference.warm_up([runtime])
         except Exception as exc:
-            raise ModelRefused(
-                f"it failed its warm-up at the serving batch shape ({type(exc).__name__}: {exc})"
-            ) from exc
+            raise ModelRefused(f"it failed its warm-up at the serving batch shape ({one_line(exc)})") from exc
 
     def _swap(self, registry: ModelRegistry, new: dict[str, ModelRuntime]) -> None:
         models = {**registry.models, **new}

@@ -23,6 +23,7 @@ from service.inputs import (
     require_json,
 )
 from service.latents import MAX_SEED, random_seed
+from service.responses import NPY_MEDIA_TYPE, RAW_MEDIA_TYPE
 from service.runtime import ModelRegistry
 from service.schemas import (
     DecodeRequest,
@@ -47,10 +48,16 @@ ModelQuery = Annotated[
     str | None, Query(description="A loaded model's name; overridden by the body's `model`.")
 ]
 
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+# Every answer the Accept header can ask for (service.responses.negotiate), so that the
+# document lists each content type a client can get.
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
-        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-        "description": "JSON as below, or with `Accept: image/png` one PNG (a grid for several images).",
+        "content": {"image/png": _BINARY, NPY_MEDIA_TYPE: _BINARY, RAW_MEDIA_TYPE: _BINARY},
+        "description": "JSON as below; with `Accept: image/png` one PNG (a grid for several images); "
+        f"with `Accept: {NPY_MEDIA_TYPE}` a .npy file of the float32 images [B, 28, 28]; with "
+        f"`Accept: {RAW_MEDIA_TYPE}` their uint8 pixels, row-major. The binary answers carry "
+        "X-Shape (and X-Dtype for raw), X-Model and X-Model-Version.",
     },
 }
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -61,7 +68,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Request body over VAE_MAX_BODY_BYTES.",
         415: "Wrong Content-Type.",
         422: "Invalid input; `detail` says what is wrong and what is expected.",
-        503: "Not ready: the models are loading or the server is stopping.",
+        500: "The model failed on this request's input (it raised, or gave NaN or infinity): type "
+        "`model-failed`; other requests are unaffected and the server's log has the cause.",
+        503: "Not ready (the models are loading or the server is stopping), overloaded (a full queue, "
+        "or VAE_MAX_CONCURRENT_REQUESTS requests at once) or timed out (VAE_REQUEST_TIMEOUT_S); "
+        "the last two with Retry-After.",
     }.items()
 }
 

@@ -21,6 +21,7 @@ import torch
 
 from service import artifact, latent_map
 from service.errors import UnknownModel
+from service.faults import one_line
 from service.settings import Settings
 
 log = logging.getLogger("service.runtime")
@@ -191,7 +192,7 @@ def load_model(path: Path, device: torch.device, warm_up: bool = True) -> tuple[
     except artifact.ArtifactError:
         raise
     except Exception as exc:  # one unloadable model must not take the others (or the server) down
-        raise ModelRefused(f"{path}: it could not be loaded ({type(exc).__name__}: {exc})") from exc
+        raise ModelRefused(f"{path}: it could not be loaded ({one_line(exc)})") from exc
     if not warm_up:
         return runtime, 0.0
     try:
@@ -199,7 +200,9 @@ def load_model(path: Path, device: torch.device, warm_up: bool = True) -> tuple[
     except artifact.ArtifactError:
         raise
     except Exception as exc:  # a model that crashes on warm-up must not take the others down
-        raise ModelRefused(f"it failed its warm-up run ({type(exc).__name__}: {exc})") from exc
+        # The path and one line, as for the artifact checks: the operator reads which
+        # artifact failed and how, not the TorchScript interpreter's traceback.
+        raise ModelRefused(f"{path}: it failed its warm-up run ({one_line(exc)})") from exc
 
 
 def load_registry(settings: Settings) -> ModelRegistry:

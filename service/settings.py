@@ -81,6 +81,20 @@ class Settings(BaseSettings):
         description="Most images or latents waiting per model and operation; "
         "beyond it requests get 503 with Retry-After.",
     )
+    request_timeout_s: float = Field(
+        30.0,
+        ge=0.0,
+        description="Longest a request may take, from its arrival, until the model has computed its "
+        "answer (queueing included); past it the request gets 503 with Retry-After and its queued "
+        "work is dropped. 0: no limit.",
+    )
+    max_concurrent_requests: int = Field(
+        64,
+        ge=0,
+        description="Most requests handled at once (probes and /metrics aside); beyond it requests "
+        "get 503 with Retry-After before their bodies are read, which bounds the memory a flood of "
+        "uploads can take. 0: no limit.",
+    )
     access_log: bool = Field(True, description="Log one line per request (uvicorn's access log).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
     max_images: int = Field(256, ge=1, description="Most images (or latent rows for /decode) in one request.")

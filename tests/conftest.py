@@ -96,3 +96,9 @@ def api(tiny_store: Path) -> Iterator[InProcess]:
 @pytest.fixture(scope="module")
 def tiny(tiny_store: Path) -> Direct:
     return Direct(tiny_store, "tiny")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests import reliability
+
+    reliability.write_outputs()

@@ -48,6 +48,8 @@ def make_settings(store: Path, **overrides: Any) -> Settings:
         "batch_max_wait_ms": 0.0,
         "batch_exact": True,
         "queue_max": 2048,
+        "request_timeout_s": 30.0,
+        "max_concurrent_requests": 64,
     }
     values.update(overrides)
     return Settings(**values)

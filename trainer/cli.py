@@ -182,6 +182,7 @@ def run(
             "config": asdict(cfg),
             "epochs": state.epoch,
             "wall_time_s": round(state.wall_time_s, 1),
+            "cpu_time_s": round(state.cpu_time_s, 1),
             "device": str(resolve_device(cfg.device)),
             "threads": torch.get_num_threads(),
             "history": [

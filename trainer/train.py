@@ -68,6 +68,9 @@ class TrainState:
     epoch: int = 0  # epochs completed
     history: list[dict] = field(default_factory=list)  # one row per epoch
     wall_time_s: float = 0.0
+    # CPU seconds of this process (all threads) spent in epochs: with the wall time it shows
+    # whether a run had its cores to itself (cpu ~ threads * wall) or shared them.
+    cpu_time_s: float = 0.0
 
 
 def kl_weight(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -149,7 +152,7 @@ def train(
 
     try:
         while state.epoch < cfg.epochs:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             model.train()
             order = torch.randperm(n, generator=generator)
             sums = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
@@ -194,6 +197,7 @@ def train(
                     )
             bar.close()
             state.wall_time_s += time.perf_counter() - started
+            state.cpu_time_s += time.process_time() - cpu_started
             row = {k: v / steps_per_epoch for k, v in sums.items()}
             row.update(
                 epoch=state.epoch + 1,

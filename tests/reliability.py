@@ -53,17 +53,18 @@ LONG_RUN = "(make fuzz)"  # the suffix of rows from the long fuzzing run, a sess
 def write_outputs() -> None:
     """Called once at the end of a pytest session (conftest) when any row was recorded.
 
-    The session's rows replace the previous ones, except rows of `make fuzz` (kept until a
-    newer long run replaces them): it runs too long for every session, and the README
-    shows its figures beside the CI run's."""
+    A session's rows replace the previous ones, except the rows of `make fuzz`, kept until a
+    newer long run replaces them (it runs too long for every session, and the README shows
+    its figures beside the CI run's); and a `make fuzz` session replaces only its own."""
     items = rows()
     if not items:
         return
     previous = OUTPUT / "reliability.json"
     if previous.is_file():
         recorded = {r.test for r in items}
+        long_session = any(r.test.endswith(LONG_RUN) for r in items)
         kept = [Row(**r) for r in json.loads(previous.read_text())]
-        items += [r for r in kept if r.test.endswith(LONG_RUN) and r.test not in recorded]
+        items += [r for r in kept if r.test not in recorded and (long_session or r.test.endswith(LONG_RUN))]
         items.sort(key=lambda r: (AREAS.index(r.area), r.test, r.tried))
     OUTPUT.mkdir(parents=True, exist_ok=True)
     (OUTPUT / "reliability.json").write_text(json.dumps([asdict(r) for r in items], indent=1) + "\n")

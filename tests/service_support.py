@@ -1,11 +1,15 @@
 """Helpers for the service tests: an in-process app with its lifespan running, direct
-calls to the TorchScript models for reference, and small image makers."""
+calls to the TorchScript models for reference, small image makers, and model stores
+that tests add versions to."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
+import shutil
 import struct
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
@@ -149,3 +153,20 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
     idat = zlib.compress(b"\x00" * 1024)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def store_with_v1(tiny_store: Path, root: Path) -> Path:
+    """A fresh store holding the session's `tiny` v1 (a copy: tests add versions to it)."""
+    store = root / f"store-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(tiny_store / "tiny", store / "tiny")
+    return store
+
+
+def publish(built: Path, store: Path) -> Path:
+    """Moves an artifact built elsewhere into the store the way write_artifact does: copied
+    beside its final place under a hidden name, then renamed, so a reader never sees a part."""
+    target = store / built.parent.name / built.name
+    staging = target.parent / f".staging-{built.name}-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(built, staging)
+    os.rename(staging, target)
+    return target

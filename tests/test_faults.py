@@ -27,8 +27,7 @@ import pytest
 import torch
 from conftest import make_artifact
 from process_support import BIN, STARTUP_TIMEOUT, clean_env, free_port, metric, serve, start
-from service_support import Direct, InProcess, make_settings
-from test_reload import publish, store_with_v1
+from service_support import Direct, InProcess, make_settings, publish, store_with_v1
 
 from service import artifact
 from service.app import create_app

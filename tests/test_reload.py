@@ -9,12 +9,9 @@ two versions, and once a reload is done every new request gets the new version.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,30 +22,13 @@ import pytest
 import torch
 from conftest import make_artifact
 from process_support import Served, clean_exit, metric, serve
-from service_support import Direct, InProcess, make_settings
+from service_support import Direct, InProcess, make_settings, publish, store_with_v1
 
 from service.app import create_app
 
 KEY = "reload-test-key"
 AUTH = {"X-API-Key": KEY}
 ATOL = 1e-5
-
-
-def store_with_v1(tiny_store: Path, root: Path) -> Path:
-    """A fresh store holding the session's `tiny` v1 (a copy: tests add versions to it)."""
-    store = root / f"store-{uuid.uuid4().hex[:6]}"
-    shutil.copytree(tiny_store / "tiny", store / "tiny")
-    return store
-
-
-def publish(built: Path, store: Path) -> Path:
-    """Moves an artifact built elsewhere into the store the way write_artifact does: copied
-    beside its final place under a hidden name, then renamed, so a reader never sees a part."""
-    target = store / built.parent.name / built.name
-    staging = target.parent / f".staging-{built.name}-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(built, staging)
-    os.rename(staging, target)
-    return target
 
 
 # ---------------------------------------------------------------------------- in process

@@ -48,6 +48,11 @@ class ImageTooLarge(ProblemError):
     status, slug, title = 422, "image-too-large", "Image dimensions too large"
 
 
+class TooManyPixels(ProblemError):
+    # Not an ImageTooLarge: each image is within its limit, the request as a whole is not.
+    status, slug, title = 422, "too-many-pixels", "Request decodes to too many pixels"
+
+
 class InvalidPixels(ProblemError):
     status, slug, title = 422, "invalid-pixels", "Invalid pixel array"
 

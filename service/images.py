@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from service.errors import BlankImage, ImageTooLarge, InvalidImage, InvalidPixels
+from service.errors import BlankImage, ImageTooLarge, InvalidImage, InvalidPixels, TooManyPixels
 
 SIDE = 28  # MNIST's frame
 BOX = 20  # MNIST digits were scaled to fit a 20x20 box inside that frame
@@ -296,12 +296,35 @@ def fit_into_frame(gray: np.ndarray, label: str = "the image") -> np.ndarray:
     return canvas
 
 
-def prepare(data: bytes, label: str, invert: bool | None, max_pixels: int) -> np.ndarray:
+class PixelBudget:
+    """The pixels one request's images may decode to in all (VAE_MAX_REQUEST_PIXELS): 256
+    images each just under VAE_MAX_IMAGE_PIXELS fit in an 8 MiB body (a blank 4096x4096 PNG
+    is 16 kB) and would cost about a minute of CPU to decode. Charged from each header,
+    before its pixels are decoded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def charge(self, pixels: int, label: str) -> None:
+        self.used += pixels
+        if self.used > self.limit:
+            raise TooManyPixels(
+                f"the images up to {label} add up to {self.used / 1e6:.1f} MP, over the "
+                f"{self.limit / 1e6:.1f} MP one request may decode (VAE_MAX_REQUEST_PIXELS); "
+                "send fewer or smaller images per request: digits are fitted into 28x28 anyway"
+            )
+
+
+def prepare(
+    data: bytes, label: str, invert: bool | None, max_pixels: int, budget: PixelBudget | None = None
+) -> np.ndarray:
     """Encoded PNG/JPEG bytes -> the model's input for one image, float32 [28, 28] in [0, 1].
 
     invert: None decides from the image (is_dark_on_light), True/False force it."""
     image = open_image(data, label, max_pixels)
     width, height = image.size
+    if budget is not None:
+        budget.charge(width * height, label)
     slot = LARGE_DECODES if width * height > LARGE_IMAGE_PIXELS else contextlib.nullcontext()
     with slot:
         gray = to_grayscale(load_pixels(image, label))
@@ -314,9 +337,15 @@ def prepare(data: bytes, label: str, invert: bool | None, max_pixels: int) -> np
         return fit_into_frame(gray, label)
 
 
-def prepare_batch(items: Sequence[tuple[str, bytes]], invert: bool | None, max_pixels: int) -> np.ndarray:
-    """(label, bytes) pairs -> float32 [B, 28, 28]."""
-    return np.stack([prepare(data, label, invert, max_pixels) for label, data in items])
+def prepare_batch(
+    items: Sequence[tuple[str, bytes]],
+    invert: bool | None,
+    max_pixels: int,
+    max_total_pixels: int | None = None,
+) -> np.ndarray:
+    """(label, bytes) pairs -> float32 [B, 28, 28]; max_total_pixels bounds their sum."""
+    budget = PixelBudget(max_total_pixels) if max_total_pixels else None
+    return np.stack([prepare(data, label, invert, max_pixels, budget) for label, data in items])
 
 
 def check_pixels(pixels: object, invert: bool | None = None) -> np.ndarray:

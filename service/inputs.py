@@ -172,7 +172,7 @@ def _validate_image_json(
         (f"images[{i}]", images.decode_base64(text, f"images[{i}]"))
         for i, text in enumerate(request.images or [])
     ]
-    return images.prepare_batch(items, invert, max_pixels), request
+    return images.prepare_batch(items, invert, max_pixels, settings.max_request_pixels), request
 
 
 def _with_body_loc(errors: list[Any]) -> list[Any]:
@@ -243,7 +243,11 @@ async def image_input(
         if form_format not in ("png", "array"):
             raise InvalidRequest(f"format is {form_format!r}; expected png or array")
         pixels = await run_in_threadpool(
-            images.prepare_batch, uploads, form_invert, settings.max_image_pixels
+            images.prepare_batch,
+            uploads,
+            form_invert,
+            settings.max_image_pixels,
+            settings.max_request_pixels,
         )
         return ImageInput(pixels, fields.get("model") or model, form_format)  # type: ignore[arg-type]
     if kind in IMAGE_MEDIA_TYPES:

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         description="Largest width*height of an uploaded "
         "image, checked before its pixels are decoded (decompression bombs).",
     )
+    max_request_pixels: int = Field(
+        4 * 4096 * 4096,
+        ge=28 * 28,
+        description="Most pixels (the sum of width*height) one request's images may decode to, "
+        "checked image by image before each is decoded: bounds the CPU one request can cost.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Origins allowed by CORS, comma-separated; `*` allows any. Empty: CORS off.",

@@ -44,6 +44,7 @@ def make_settings(store: Path, **overrides: Any) -> Settings:
         "max_images": 256,
         "max_samples": 1024,
         "max_image_pixels": 4096 * 4096,
+        "max_request_pixels": 4 * 4096 * 4096,
         "cors_origins": [],
         "api_key": None,
         "warmup": True,

@@ -638,3 +638,45 @@ def test_large_images_are_decoded_a_few_at_a_time() -> None:
         f"at most 2 decoded together; traced peak {eight / mib:.0f} MiB vs {one / mib:.0f} MiB for one",
         "test_hostile_images.py::test_large_images_are_decoded_a_few_at_a_time",
     )
+
+
+@pytest.mark.slow
+def test_a_request_whose_images_add_up_to_too_many_pixels_stops_before_decoding_the_rest(
+    api: InProcess,
+) -> None:
+    """256 images each just within VAE_MAX_IMAGE_PIXELS fit in an 8 MiB body (a 4096x4096
+    PNG of a '1' is about 20 kB) and would take about a minute of CPU to decode; the
+    request's pixel budget (VAE_MAX_REQUEST_PIXELS, 4 such images by default) refuses it
+    from the fifth image's header, before its pixels are decoded."""
+    canvas = np.zeros((4096, 4096), np.uint8)
+    canvas[1000:3000, 1900:2200] = 255
+    big = b64(png(canvas))
+    decoded = 0
+    real_load = images.load_pixels
+
+    def counting_load(image: Image.Image, label: str) -> Image.Image:
+        nonlocal decoded
+        decoded += 1
+        return real_load(image, label)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(images, "load_pixels", counting_load)
+        four = api.post("/encode", json={"images": [big] * 4})
+        decoded_for_four, decoded = decoded, 0
+        started = time.perf_counter()
+        flood = api.post("/encode", json={"images": [big] * 256})
+        seconds = time.perf_counter() - started
+    assert four.status_code == 200, four.text
+    assert decoded_for_four == 4
+    assert flood.status_code == 422, flood.text
+    problem = flood.json()
+    assert problem["type"].endswith("too-many-pixels")
+    assert "images[4]" in problem["detail"] and "VAE_MAX_REQUEST_PIXELS" in problem["detail"]
+    assert decoded == 4, f"{decoded} images were decoded before the refusal"
+    record(
+        "hostile images",
+        f"one request of 256 4096x4096 PNGs ({len(big) * 256 / 2**20:.1f} MiB of JSON)",
+        256,
+        f"422 too-many-pixels at images[4] after decoding 4, in {seconds:.1f} s",
+        "test_hostile_images.py::test_a_request_whose_images_add_up_to_too_many_pixels_stops_before_decoding_the_rest",
+    )

@@ -7,22 +7,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 from playwright.sync_api import Browser, Page, Playwright
+from process_support import serve
 
 # Debian's package (apt-get install chromium): .ci/run installs it where it is missing.
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HAS_CHROMIUM = Path(CHROMIUM).is_file()
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-STARTUP_TIMEOUT = 180.0  # a loaded CI machine can take a minute to import torch
 OUTPUT = Path(__file__).resolve().parent / "output"  # git-ignored: screenshots of each run
 
 
@@ -30,41 +26,14 @@ def launch(playwright: Playwright) -> Browser:
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def served(store: Path, log: Path, *options: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A `vae-serve` process on a free port, ready; stopped (if still running) on exit."""
-    port = free_port()
-    script = Path(sys.executable).parent / "vae-serve"
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-    argv += ["--port", str(port), "--model-store", str(store), "--device", "cpu", "--torch-threads", "1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}  # not the developer's settings
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [*argv, *options], stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    server = serve(store, log, *options)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vae-serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vae-serve not ready after {STARTUP_TIMEOUT} s:\n{log.read_text()}")
-            time.sleep(0.1)
-        yield process, url
+        yield server.process, server.url
     finally:
-        stop(process)
+        stop(server.process)
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 20) -> None:

@@ -97,13 +97,23 @@ def wait_ready(served: Served, timeout: float = STARTUP_TIMEOUT) -> None:
         time.sleep(0.1)
 
 
-def serve(store: Path, log_path: Path, *options: str, env: dict[str, str] | None = None) -> Served:
-    """`vae-serve` on a free port with the given store, one torch thread, ready to answer."""
+def command(script: str, module: str) -> list[str]:
+    """The installed console script, or the module when the package is not installed."""
+    path = BIN / script
+    return [str(path)] if path.exists() else [sys.executable, "-m", module]
+
+
+def launch(store: Path, log_path: Path, *options: str, env: dict[str, str] | None = None) -> Served:
+    """`vae-serve` on a free port with the given store and one torch thread, just started."""
     port = free_port()
-    script = BIN / "vae-serve"
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-    argv += ["--port", str(port), "--model-store", str(store), "--device", "cpu", "--torch-threads", "1"]
-    served = start([*argv, *options], env or clean_env(), log_path, port)
+    argv = [*command("vae-serve", "service.cli"), "--port", str(port), "--model-store", str(store)]
+    argv += ["--device", "cpu", "--torch-threads", "1", *options]
+    return start(argv, env or clean_env(), log_path, port)
+
+
+def serve(store: Path, log_path: Path, *options: str, env: dict[str, str] | None = None) -> Served:
+    """launch(), then wait until it is ready to answer."""
+    served = launch(store, log_path, *options, env=env)
     wait_ready(served)
     return served
 

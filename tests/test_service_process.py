@@ -5,121 +5,40 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from process_support import STARTUP_TIMEOUT, Served, clean_env, clean_exit, command, launch, serve
 from service_support import Direct, b64, decode_png, png
 
 from service.client import AsyncVAEClient, VAEClient, VAEClientError
 from service.images import grid, to_uint8
 
-BIN = Path(sys.executable).parent
-STARTUP_TIMEOUT = 180.0  # generous: a loaded CI machine can take a minute to import torch
-
-
-def command(script: str, module: str) -> list[str]:
-    """The installed console script, or the module when the package is not installed."""
-    path = BIN / script
-    return [str(path)] if path.exists() else [sys.executable, "-m", module]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-    return {**env, **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-
-def start(store: Path, log: Path, *options: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    argv = [
-        *command("vae-serve", "service.cli"),
-        "--port",
-        str(port),
-        "--model-store",
-        str(store),
-        "--device",
-        "cpu",
-        "--torch-threads",
-        "1",
-        *options,
-    ]
-    with log.open("wb") as sink:
-        # A session of its own, so that stop() can end the server and any workers it forked.
-        process = subprocess.Popen(
-            argv, stdout=sink, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True
-        )
-    return process, f"http://127.0.0.1:{port}"
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> bool:
-    """SIGTERM, as an orchestrator sends; True when it stopped by itself within `timeout`."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        return False
-
 
 @pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = tmp_path_factory.mktemp("serve") / "vae-serve.log"
-    process, url = start(tiny_store, log, "--inference-threads", "2", "--max-samples", "64")
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"vae-serve exited with {process.returncode} while starting:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop(process, timeout=5)
-            pytest.fail(f"vae-serve not ready after {STARTUP_TIMEOUT} s:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield Server(process, url, log)
-    assert stop(process), "vae-serve did not stop within 60 s of SIGTERM"
-    # uvicorn shuts down gracefully, then re-raises the signal: -SIGTERM is a clean exit here.
-    assert process.returncode in (0, -signal.SIGTERM), log.read_text()
-    assert "Application shutdown complete" in log.read_text()
+    served = serve(tiny_store, log, "--inference-threads", "2", "--max-samples", "64")
+    yield served
+    # stop() fails the test when the server takes over 60 s after SIGTERM to stop.
+    assert clean_exit(served.stop()), served.log()
 
 
-def test_startup_logs_each_model_then_ready(server: Server) -> None:
-    log = server.log.read_text()
+def test_startup_logs_each_model_then_ready(server: Served) -> None:
+    log = server.log()
     assert "loaded model tiny v1 from" in log and "latent_dim 8 on cpu, warm-up" in log
     assert "loaded model tiny-2d v1" in log
     assert "ready: serving tiny v1, tiny-2d v1 (default tiny)" in log
     assert log.index("ready: serving") < log.index("Uvicorn running on")
 
 
-def test_every_endpoint_through_the_sync_client(server: Server, tiny: Direct, tmp_path: Path) -> None:
+def test_every_endpoint_through_the_sync_client(server: Served, tiny: Direct, tmp_path: Path) -> None:
     digit = np.zeros((28, 28), np.uint8)
     digit[4:24, 12:16] = 255
     path = tmp_path / "one.png"
@@ -141,7 +60,7 @@ def test_every_endpoint_through_the_sync_client(server: Server, tiny: Direct, tm
             vae.sample(65)
 
 
-def test_png_grids_over_http(server: Server) -> None:
+def test_png_grids_over_http(server: Served) -> None:
     page = httpx.get(f"{server.url}/sample.png", params={"n": 64, "seed": 1})
     assert page.status_code == 200 and page.headers["content-type"] == "image/png"
     assert decode_png(page.content).shape == (242, 242)
@@ -149,7 +68,7 @@ def test_png_grids_over_http(server: Server) -> None:
     assert posted.content == page.content
 
 
-def test_seeds_are_reproducible_under_concurrent_clients(server: Server, tiny: Direct) -> None:
+def test_seeds_are_reproducible_under_concurrent_clients(server: Served, tiny: Direct) -> None:
     seeds = [3, 5, 8, 13] * 5
 
     async def burst() -> list:
@@ -164,7 +83,7 @@ def test_seeds_are_reproducible_under_concurrent_clients(server: Server, tiny: D
         np.testing.assert_array_equal(result.images, first.images)
 
 
-def test_bad_input_over_real_http_leaves_the_server_serving(server: Server) -> None:
+def test_bad_input_over_real_http_leaves_the_server_serving(server: Served) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as http:
         huge = http.post(
             "/encode", content=b"0" * (9 * 1024 * 1024), headers={"Content-Type": "application/json"}
@@ -190,7 +109,7 @@ def test_bad_input_over_real_http_leaves_the_server_serving(server: Server) -> N
         assert 'status="413"' in http.get("/metrics").text
 
 
-def test_the_command_line_client(server: Server, tiny: Direct, tmp_path: Path) -> None:
+def test_the_command_line_client(server: Served, tiny: Direct, tmp_path: Path) -> None:
     env = clean_env(VAE_URL=server.url)
     out = tmp_path / "grid.png"
     cli = command("vae-client", "service.client_cli")
@@ -229,13 +148,13 @@ def test_the_command_line_client(server: Server, tiny: Direct, tmp_path: Path) -
 
 
 def run_to_exit(store: Path, tmp_path: Path) -> tuple[int, str]:
-    process, _ = start(store, tmp_path / "failed.log")
+    served = launch(store, tmp_path / "failed.log")
     try:
-        process.wait(timeout=STARTUP_TIMEOUT)
+        served.process.wait(timeout=STARTUP_TIMEOUT)
     except subprocess.TimeoutExpired:
-        stop(process, timeout=5)
+        served.kill()
         pytest.fail("vae-serve kept running with nothing to serve")
-    return process.returncode, (tmp_path / "failed.log").read_text()
+    return served.process.returncode, served.log()
 
 
 def test_an_empty_store_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
@@ -277,18 +196,13 @@ def test_invalid_settings_exit_2_with_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_several_workers_serve_the_same_samples(tiny_store: Path, tmp_path: Path) -> None:
-    log = tmp_path / "workers.log"
-    process, url = start(tiny_store, log, "--workers", "2", "--models", "tiny")
+    served = launch(tiny_store, tmp_path / "workers.log", "--workers", "2", "--models", "tiny")
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while "ready: serving" not in log.read_text() or log.read_text().count("ready: serving") < 2:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        with httpx.Client(base_url=url) as http:
+        served.wait_for_log("ready: serving", timeout=STARTUP_TIMEOUT, count=2)
+        with httpx.Client(base_url=served.url) as http:
             answers = {http.post("/sample", json={"n": 3, "seed": 2}).content for _ in range(8)}
             assert http.get("/readyz").json()["models"] == ["tiny"]
         assert len(answers) == 1, "every worker draws the same samples for a seed"
-        assert log.read_text().count("loaded model tiny v1") == 2
+        assert served.log().count("loaded model tiny v1") == 2
     finally:
-        assert stop(process), "vae-serve --workers 2 did not stop within 60 s of SIGTERM"
+        served.stop()  # fails the test when the workers take over 60 s after SIGTERM to stop

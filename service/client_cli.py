@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import typer
 
 from service.client import DEFAULT_URL, VAEClient, VAEClientError, grid_image
+
+T = TypeVar("T")
 
 app = typer.Typer(help="Talk to a running vae-serve.", no_args_is_help=True, add_completion=False)
 
@@ -42,9 +45,15 @@ def _client(url: str, api_key: str | None) -> VAEClient:
     return VAEClient(url, api_key=api_key)
 
 
-def _fail(exc: VAEClientError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
+def _call(url: str, api_key: str | None, request: Callable[[VAEClient], T]) -> T:
+    """One request through a fresh client; a refusal or an unreachable server is one line on
+    stderr and exit status 1."""
+    try:
+        with _client(url, api_key) as client:
+            return request(client)
+    except VAEClientError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _invert(value: str) -> Any:
@@ -70,11 +79,9 @@ def sample(
     api_key: ApiKey = None,
 ) -> None:
     """Draw n images from the prior and save them as one PNG grid."""
-    try:
-        with _client(url, api_key) as client:
-            result = client.sample(n, seed=seed, temperature=temperature, model=model)
-    except VAEClientError as exc:
-        _fail(exc)
+    result = _call(
+        url, api_key, lambda client: client.sample(n, seed=seed, temperature=temperature, model=model)
+    )
     _save(result.images, output)
     typer.echo(f"seed {result.seed} (model {result.model} {result.version})", err=True)
 
@@ -89,11 +96,11 @@ def encode(
     api_key: ApiKey = None,
 ) -> None:
     """Encode images: the posterior mean and standard deviation, and the KL from the prior."""
-    try:
-        with _client(url, api_key) as client:
-            result = client.encode([str(p) for p in images], model=model, invert=_invert(invert))
-    except VAEClientError as exc:
-        _fail(exc)
+    result = _call(
+        url,
+        api_key,
+        lambda client: client.encode([str(p) for p in images], model=model, invert=_invert(invert)),
+    )
     if as_json:
         typer.echo(
             json.dumps(
@@ -128,11 +135,7 @@ def decode(
         latents = np.asarray(json.loads(text), dtype=np.float64)
     except (json.JSONDecodeError, ValueError, TypeError) as exc:
         raise typer.BadParameter(f"not a JSON list of numbers ({exc})", param_hint="Z") from exc
-    try:
-        with _client(url, api_key) as client:
-            images = client.decode(latents, model=model)
-    except VAEClientError as exc:
-        _fail(exc)
+    images = _call(url, api_key, lambda client: client.decode(latents, model=model))
     _save(images, output)
 
 
@@ -146,22 +149,18 @@ def reconstruct(
     api_key: ApiKey = None,
 ) -> None:
     """Encode and decode images (decode(mu)); the reconstructions are saved as one PNG grid."""
-    try:
-        with _client(url, api_key) as client:
-            result = client.reconstruct([str(p) for p in images], model=model, invert=_invert(invert))
-    except VAEClientError as exc:
-        _fail(exc)
+    result = _call(
+        url,
+        api_key,
+        lambda client: client.reconstruct([str(p) for p in images], model=model, invert=_invert(invert)),
+    )
     _save(result.images, output)
 
 
 @app.command()
 def models(as_json: AsJson = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """List the models the server has loaded."""
-    try:
-        with _client(url, api_key) as client:
-            listed = client.models()
-    except VAEClientError as exc:
-        _fail(exc)
+    listed = _call(url, api_key, lambda client: client.models())
     if as_json:
         typer.echo(json.dumps(listed, indent=2))
         return

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import images
 from service.errors import ImageTooLarge, InvalidLatents, InvalidRequest, TooManyItems, UnsupportedMediaType
-from service.schemas import ImageFormat, ImageRequest
+from service.schemas import DecodeRequest, ImageFormat, ImageRequest, SampleRequest
 from service.settings import Settings
 
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg")
@@ -101,6 +101,13 @@ def query_options(request: Request) -> tuple[str | None, ImageFormat | None]:
             [{"type": "literal_error", "loc": ("query", "format"), "msg": "Input should be 'png' or 'array'"}]
         )
     return params.get("model") or None, fmt  # type: ignore[return-value]
+
+
+def chosen_format(
+    body: ImageRequest | DecodeRequest | SampleRequest, query_format: ImageFormat | None
+) -> ImageFormat:
+    """The body's `format` when it gives one, else the query's, else png."""
+    return body.format if "format" in body.model_fields_set else (query_format or "png")
 
 
 def parse_invert(value: str | bool | None) -> bool | None:
@@ -234,8 +241,7 @@ async def image_input(
         pixels, parsed = await _small_inline(
             body, settings, lambda limit: _validate_image_json(body, settings, query_invert, limit)
         )
-        fmt = parsed.format if "format" in parsed.model_fields_set else (format or "png")
-        return ImageInput(pixels, parsed.model or model, fmt)
+        return ImageInput(pixels, parsed.model or model, chosen_format(parsed, format))
     if kind == "multipart/form-data":
         uploads, fields = await _from_multipart(request, settings)
         form_invert = parse_invert(fields["invert"]) if "invert" in fields else query_invert

@@ -17,6 +17,7 @@ from service.inference import Inference
 from service.inputs import (
     QUERY_OPTIONS_OPENAPI,
     ImageInput,
+    chosen_format,
     image_input,
     latents,
     query_options,
@@ -159,7 +160,7 @@ async def decode(request: Request, body: DecodeRequest) -> Response:
     runtime = registry.get(body.model or model)
     z = latents(body.z, runtime.latent_dim, runtime.name, state.settings)
     x = await inference.decode(runtime, z)
-    fmt = body.format if "format" in body.model_fields_set else (format or "png")
+    fmt = chosen_format(body, format)
     return await responses.decoded(request, runtime, x, fmt)
 
 
@@ -179,7 +180,7 @@ async def sample(request: Request, body: SampleRequest) -> Response:
     _check_samples(body.n, state)
     seed = random_seed() if body.seed is None else body.seed
     z, x = await inference.sample(runtime, body.n, seed, body.temperature)
-    fmt = body.format if "format" in body.model_fields_set else (format or "png")
+    fmt = chosen_format(body, format)
     return await responses.samples(request, runtime, x, z, seed, body.temperature, fmt, body.return_latents)
 
 

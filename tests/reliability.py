@@ -36,8 +36,8 @@ def record(area: str, tried: str, count: int, result: str, test: str) -> None:
     _rows.append(Row(area, tried, int(count), result, test))
 
 
-def rows() -> list[Row]:
-    return sorted(_rows, key=lambda r: (AREAS.index(r.area), r.test, r.tried))
+def _in_table_order(items: list[Row]) -> list[Row]:
+    return sorted(items, key=lambda r: (AREAS.index(r.area), r.test, r.tried))
 
 
 def table(items: list[Row]) -> str:
@@ -56,16 +56,16 @@ def write_outputs() -> None:
     A session's rows replace the previous ones, except the rows of `make fuzz`, kept until a
     newer long run replaces them (it runs too long for every session, and the README shows
     its figures beside the CI run's); and a `make fuzz` session replaces only its own."""
-    items = rows()
-    if not items:
+    if not _rows:
         return
+    items = list(_rows)
     previous = OUTPUT / "reliability.json"
     if previous.is_file():
         recorded = {r.test for r in items}
         long_session = any(r.test.endswith(LONG_RUN) for r in items)
         kept = [Row(**r) for r in json.loads(previous.read_text())]
         items += [r for r in kept if r.test not in recorded and (long_session or r.test.endswith(LONG_RUN))]
-        items.sort(key=lambda r: (AREAS.index(r.area), r.test, r.tried))
+    items = _in_table_order(items)
     OUTPUT.mkdir(parents=True, exist_ok=True)
     (OUTPUT / "reliability.json").write_text(json.dumps([asdict(r) for r in items], indent=1) + "\n")
     (OUTPUT / "reliability.md").write_text(table(items))

@@ -14,8 +14,11 @@ import io
 import re
 import resource
 import struct
+import threading
 import time
+import tracemalloc
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -587,10 +590,6 @@ def test_large_images_are_decoded_a_few_at_a_time() -> None:
     """Starlette decodes uploads on up to 40 threads at once; images above
     LARGE_IMAGE_PIXELS take turns through LARGE_DECODES, so 8 concurrent 2048x2048 uploads
     hold at most 2 decoded copies. Measured by tracemalloc (numpy's arrays are traced)."""
-    import threading
-    import tracemalloc
-    from concurrent.futures import ThreadPoolExecutor
-
     canvas = np.zeros((2048, 2048), np.uint8)
     canvas[600:1400, 900:1100] = 255  # a '1'
     big = png(canvas)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from service.auth import require_api_key
+from service.auth import KeyedRoute
 from service.errors import Forbidden, NotReady, ReloadRefused, ReloadUnavailable
 from service.schemas import Problem, ReloadReport
 from service.state import ServiceState, get_state
@@ -35,7 +35,8 @@ def require_admin_key(request: Request) -> None:
 
 admin = APIRouter(
     tags=["operations"],
-    dependencies=[Depends(require_admin_key), Depends(require_api_key)],
+    route_class=KeyedRoute,
+    dependencies=[Depends(require_admin_key)],
     responses={
         code: {"model": Problem, "description": text}
         for code, text in {

@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from service import admin, errors, explorer, routes
 from service.admission import AdmissionMiddleware
-from service.auth import ApiKeyGate
+from service.auth import ApiKeyGate, document_security
 from service.body_limit import BodyLimitMiddleware
 from service.inference import Inference
 from service.metrics import Metrics, RequestMetricsMiddleware
@@ -116,9 +116,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _problem_json_errors(
-                get_openapi(title=TITLE, version=VERSION, description=DESCRIPTION, routes=app.routes)
-            )
+            schema = get_openapi(title=TITLE, version=VERSION, description=DESCRIPTION, routes=app.routes)
+            app.openapi_schema = document_security(_problem_json_errors(schema))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

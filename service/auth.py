@@ -1,51 +1,67 @@
 """The optional API key: `X-API-Key: <key>` or `Authorization: Bearer <key>`.
 
-Checked twice, by the same comparison. A dependency on every guarded route, so that /docs
-shows the scheme and its Authorize button works; the open endpoints (/healthz, /readyz,
-/docs, /redoc, /openapi.json, and the explorer page's files at / and /static) simply do not
-depend on it. And ApiKeyGate, a middleware in front of the app, because FastAPI reads and
-parses a JSON body before it runs any dependency: without the gate, a client without the key
-could make the server read and parse 8 MiB of JSON on /decode (and get a 422 that shows it
-did). The gate finds the open routes from the app's own routes, so the two cannot disagree:
-a route is open exactly when it does not depend on require_api_key, and any other path
-(an unknown one included) is closed."""
+Checked once, by ApiKeyGate, a middleware in front of the app: before FastAPI reads and
+parses a body (a keyless client must not make the server parse 8 MiB of JSON on /decode and
+get a 422 that shows it did). The routes that need the key are the KeyedRoute ones (the
+`api` and `admin` routers' route class), which also puts the requirement in the OpenAPI
+document, so /docs shows the schemes and its Authorize button works. The open endpoints
+(/healthz, /readyz, /docs, /redoc, /openapi.json, and the explorer page's files at / and
+/static) are plain routes. The gate reads the app's own routes, so the two cannot disagree:
+a route is open exactly when it is not a KeyedRoute, and any other path (an unknown one
+included) is closed.
+
+Why not a `Security` dependency on every guarded route, FastAPI's usual way: FastAPI solves
+dependencies per request, and the key's three (the check and its two schemes) cost ~120 µs
+of every /sample, a quarter of its event-loop time, for a check the gate has already made
+(docs/performance.md)."""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Annotated
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
-from fastapi import Request, Security
-from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import Unauthorized, response_for
 
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The key set in VAE_API_KEY.")
-bearer = HTTPBearer(auto_error=False, description="The key set in VAE_API_KEY, as a bearer token.")
+SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
+    "APIKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "The key set in VAE_API_KEY.",
+    },
+    "HTTPBearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The key set in VAE_API_KEY, as a bearer token.",
+    },
+}
+# Either scheme will do: a list of alternatives, each a requirement of one scheme.
+SECURITY_REQUIREMENT = [{name: []} for name in SECURITY_SCHEMES]
+
+
+class KeyedRoute(APIRoute):
+    """A route that needs the API key when VAE_API_KEY is set (ApiKeyGate checks it)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        extra = dict(kwargs.pop("openapi_extra", None) or {})
+        extra.setdefault("security", SECURITY_REQUIREMENT)
+        super().__init__(path, endpoint, openapi_extra=extra, **kwargs)
+
+
+def document_security(schema: dict[str, Any]) -> dict[str, Any]:
+    """Declares the schemes that KeyedRoute operations refer to in the OpenAPI document."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
+    return schema
 
 
 def _matches(given: str | None, expected: str) -> bool:
     # compare_digest takes time independent of where the strings differ: no timing oracle.
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
-
-
-async def require_api_key(
-    request: Request,
-    key: Annotated[str | None, Security(api_key_header)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
-) -> None:
-    expected = request.app.state.vae.settings.api_key
-    if expected is None:
-        return
-    secret = expected.get_secret_value()
-    if _matches(key, secret) or _matches(credentials.credentials if credentials else None, secret):
-        return
-    raise unauthorized(bool(key or credentials))
 
 
 def unauthorized(carried_a_key: bool) -> Unauthorized:
@@ -57,19 +73,15 @@ def unauthorized(carried_a_key: bool) -> Unauthorized:
     )
 
 
-def _needs_key(dependant: Dependant) -> bool:
-    return any(d.call is require_api_key or _needs_key(d) for d in dependant.dependencies)
-
-
 def open_paths(routes: Iterable[BaseRoute]) -> tuple[frozenset[str], tuple[str, ...]]:
-    """(paths, prefixes) that need no key: routes that do not depend on require_api_key
-    (FastAPI's own /docs and /openapi.json routes included) and mounted static files.
+    """(paths, prefixes) that need no key: routes that are not KeyedRoutes (FastAPI's own
+    /docs and /openapi.json routes included) and mounted static files.
     An open route with a path parameter would be closed here: the gate fails closed."""
     paths: set[str] = set()
     prefixes: list[str] = []
     for route in served_routes(routes):
         if isinstance(route, APIRoute):
-            if not _needs_key(route.dependant) and "{" not in route.path:
+            if not isinstance(route, KeyedRoute) and "{" not in route.path:
                 paths.add(route.path)
         elif isinstance(route, Route) and "{" not in route.path:
             paths.add(route.path)
@@ -125,7 +137,7 @@ class ApiKeyGate:
 
 def _keys_in(scope: Scope) -> tuple[str | None, str | None]:
     """The X-API-Key header and the Authorization bearer token, read as FastAPI's
-    APIKeyHeader and HTTPBearer read them."""
+    APIKeyHeader and HTTPBearer would read them."""
     key = token = None
     for name, value in scope.get("headers", ()):
         if name == b"x-api-key":

@@ -11,17 +11,17 @@ from pydantic import FiniteFloat
 from starlette.responses import Response
 
 from service import latent_map, responses
-from service.auth import require_api_key
+from service.auth import KeyedRoute
 from service.errors import NoLatentMap, TooManyItems
 from service.inference import Inference
 from service.inputs import (
     QUERY_OPTIONS_OPENAPI,
     ImageInput,
+    JsonBodyRoute,
     chosen_format,
     image_input,
     latents,
     query_options,
-    require_json,
 )
 from service.latents import MAX_SEED, random_seed
 from service.responses import NPY_MEDIA_TYPE, RAW_MEDIA_TYPE
@@ -111,7 +111,13 @@ def _image_request_body() -> dict[str, Any]:
 
 IMAGE_REQUEST_BODY = _image_request_body()
 
-api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+class ApiRoute(KeyedRoute, JsonBodyRoute):
+    """The model and model-info endpoints: they need the API key (when one is set), and those
+    with a JSON body model take only JSON (415 otherwise)."""
+
+
+api = APIRouter(route_class=ApiRoute, responses=ERRORS)
 probes = APIRouter(tags=["operations"])
 
 
@@ -150,7 +156,6 @@ async def reconstruct(request: Request, inputs: Annotated[ImageInput, Depends(im
     response_model=DecodeResponse,
     tags=["model"],
     responses=PNG_RESPONSE,
-    dependencies=[Depends(require_json)],
     openapi_extra=QUERY_OPTIONS_OPENAPI,
     summary="Latent vectors -> images",
 )
@@ -169,7 +174,6 @@ async def decode(request: Request, body: DecodeRequest) -> Response:
     response_model=SampleResponse,
     tags=["model"],
     responses=PNG_RESPONSE,
-    dependencies=[Depends(require_json)],
     openapi_extra=QUERY_OPTIONS_OPENAPI,
     summary="Draw images from the prior",
 )

@@ -55,6 +55,7 @@ log = logging.getLogger("service.batching")
 
 Op = Literal["encode", "decode"]
 Outputs = tuple[np.ndarray, ...]  # encode: (mu, sigma); decode: (images,)
+Result = Outputs | BaseException  # one request's share of a pass, or what went wrong with it
 
 
 class Overloaded(ProblemError):
@@ -221,11 +222,27 @@ class Batcher:
                 if not batch:
                     self._slots.release()
                     continue
-                task = asyncio.get_running_loop().create_task(self._execute(batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._start(batch)
         finally:
             self._drainer = None
+
+    def _start(self, batch: list[_Item]) -> None:
+        """Hands the batch to an inference thread now, and delivers its results in a task.
+        Submitted here rather than by that task, whose first step would wait in the event
+        loop's queue behind every answer already being built (W1: ~2 ms of an idle thread
+        per pass, docs/performance.md)."""
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = loop.run_in_executor(self._executor, self._run_batch, batch)
+        except BaseException as exc:  # the executor is shut down: nobody may hang
+            self._slots.release()
+            _fail(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        task = loop.create_task(self._deliver(batch, outputs))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _gather_more(self) -> None:
         """Waits up to max_wait after the oldest queued request for the batch to fill up."""
@@ -260,29 +277,33 @@ class Batcher:
         self._m_queued.set(self.queued_rows)
         return batch
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    async def _deliver(self, batch: list[_Item], outputs: asyncio.Future[list[Result]]) -> None:
         try:
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._executor, self._run_batch, batch)
-            for item, result in zip(batch, results, strict=True):
-                if item.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    item.future.set_exception(result)
-                else:
-                    item.future.set_result(result)
+            results = await outputs
         except BaseException as exc:  # the executor itself failed (shut down): nobody may hang
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            self._pass_ended()
+            _fail(batch, exc)
             if not isinstance(exc, Exception):
                 raise
-        finally:
-            self._slots.release()
-            task = asyncio.current_task()
-            if task is not None:
-                self._running.discard(task)  # before waking the drainer, which looks at _running
-            _resolve(self._wake)
+            return
+        # The thread is free again before these answers are built: the drainer's wake-up
+        # goes into the event loop's queue ahead of the requests', so the next pass starts
+        # while the loop answers this one's requests.
+        self._pass_ended()
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _pass_ended(self) -> None:
+        self._slots.release()
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.discard(task)  # before waking the drainer, which looks at _running
+        _resolve(self._wake)
 
     def _run_batch(self, batch: list[_Item]) -> list[Outputs | BaseException]:
         """On the inference thread: one merged pass, split back per request."""
@@ -353,6 +374,12 @@ def _all_done(batch: list[_Item]) -> bool:
     # Read on the inference thread: done() only reads the future's state, and a stale answer
     # costs at most one more pass.
     return all(item.future.done() for item in batch)
+
+
+def _fail(batch: list[_Item], exc: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)
 
 
 def _resolve(future: asyncio.Future[None] | None) -> None:

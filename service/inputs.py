@@ -72,7 +72,7 @@ def require_json(request: Request) -> None:
 class JsonBodyRoute(APIRoute):
     """A route whose body is a declared JSON model (/sample, /decode) takes only JSON: 415
     for anything else, before FastAPI reads the body. Checked in the route's handler rather
-    than by a dependency, which FastAPI would solve per request at ~40 µs (docs/performance.md).
+    than by a dependency, which FastAPI would solve on every request (docs/performance.md).
     Routes that read their body themselves (/encode, /reconstruct) are left alone."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

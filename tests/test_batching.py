@@ -12,6 +12,7 @@ import re
 import threading
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ from service_support import Direct, InProcess, make_settings
 
 from service import artifact
 from service.app import create_app
-from service.batching import BatchPolicy, forward_rows
+from service.batching import Batcher, BatchPolicy, forward_rows
 from service.client import AsyncVAEClient
 from service.images import to_uint8
+from service.metrics import Metrics
 from service.runtime import ModelRegistry, TorchScriptRuntime
 
 # Long enough that requests sent together are merged into one pass even on a loaded machine.
@@ -271,6 +273,52 @@ def test_batching_can_be_turned_off(tiny_store: Path) -> None:
         served.close()
     assert on.status_code == 200 and encoded.status_code == 200
     assert "vae_model_batch_requests_count" not in text  # no batcher ran
+
+
+def test_the_next_pass_starts_before_the_last_ones_answers_are_delivered() -> None:
+    """A finished pass frees the thread and wakes the drainer before it hands out its
+    answers, so the rows queued meanwhile are already on their way to the thread when the
+    first answer is built (docs/performance.md, item 9: the other order kept the inference
+    thread idle while the event loop answered)."""
+
+    async def main() -> list[int]:
+        model = Recorder()
+        model.gate.clear()
+        executor = ThreadPoolExecutor(1)
+        policy = BatchPolicy(max_size=4, exact=False)
+        batcher = Batcher(model, "decode", policy, executor, asyncio.Semaphore(1), Metrics())  # type: ignore[arg-type]
+        queued_when_answered: list[int] = []
+
+        async def first() -> None:
+            await batcher.submit(np.zeros((1, 3), np.float32))
+            queued_when_answered.append(batcher.queued_rows)  # in the step that delivered it
+
+        answered = asyncio.create_task(first())
+        await asyncio.to_thread(model.entered.wait, 10)  # the first pass is running, held
+        later = [asyncio.create_task(batcher.submit(np.full((1, 3), i, np.float32))) for i in (1, 2)]
+        await asyncio.sleep(0)
+        assert batcher.queued_rows == 2
+        model.gate.set()
+        await asyncio.wait_for(asyncio.gather(answered, *later), 10)
+        executor.shutdown()
+        return queued_when_answered + model.calls
+
+    queued, *passes = asyncio.run(main())
+    assert queued == 0 and passes == [1, 2]
+
+
+def test_a_shut_down_executor_fails_the_requests_at_once_and_frees_the_thread_slot() -> None:
+    async def main() -> None:
+        executor = ThreadPoolExecutor(1)
+        executor.shutdown()
+        slots = asyncio.Semaphore(1)
+        batcher = Batcher(Recorder(), "decode", BatchPolicy(max_size=4), executor, slots, Metrics())  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await asyncio.wait_for(batcher.submit(np.zeros((1, 3), np.float32)), 10)
+        assert not slots.locked()
+        await asyncio.wait_for(batcher.drained(), 10)
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------------------- reload

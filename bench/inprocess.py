@@ -1,0 +1,109 @@
+"""The app's own cost per request, without sockets or a load generator.
+
+Calls the ASGI app directly (lifespan, warm-up and all), `--requests` times with
+`--concurrency` in flight, and prints the event loop thread's CPU time per request: the
+figure that bounds W1 once the inference thread keeps up (docs/performance.md, item 10).
+Add --profile for cProfile's top functions (they overstate Python-heavy code several times).
+
+    python -m bench.inprocess                    # POST /sample {"n": 1}, the W1 request
+    python -m bench.inprocess --ceiling          # the ceiling's constant route, for comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import time
+from typing import Any
+
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.settings import Settings
+
+
+async def call(app: FastAPI, path: str, body: bytes) -> int:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"bench"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    status: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # the client never disconnects
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    return status[0]
+
+
+async def measure(
+    app: FastAPI, path: str, body: bytes, requests: int, concurrency: int, profile: bool
+) -> None:
+    async with app.router.lifespan_context(app):
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> int:
+            async with gate:
+                return await call(app, path, body)
+
+        await asyncio.gather(*[one() for _ in range(500)])  # warm-up
+        profiler = cProfile.Profile() if profile else None
+        wall, cpu = time.perf_counter(), time.thread_time()
+        if profiler:
+            profiler.enable()
+        codes = await asyncio.gather(*[one() for _ in range(requests)])
+        if profiler:
+            profiler.disable()
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    print(
+        f"POST {path}: {requests / wall:.0f} req/s in-process, event loop CPU "
+        f"{cpu / requests * 1e6:.0f} µs per request; statuses {sorted(set(codes))}"
+    )
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ceiling", action="store_true", help="the ceiling app's /constant route")
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("VAE_ACCESS_LOG", "false")  # as in the benchmark
+    if args.ceiling:
+        from bench.ceiling import create
+
+        app, path = create(), "/constant"
+    else:
+        app, path = create_app(Settings()), "/sample"
+    asyncio.run(measure(app, path, b'{"n": 1}', args.requests, args.concurrency, args.profile))
+
+
+if __name__ == "__main__":
+    main()

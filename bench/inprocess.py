@@ -3,6 +3,9 @@
 Calls the ASGI app directly (lifespan, warm-up and all), `--requests` times with
 `--concurrency` in flight, and prints the event loop thread's CPU time per request: the
 figure that bounds W1 once the inference thread keeps up (docs/performance.md, item 10).
+The scope and messages are built here rather than sent with httpx's ASGITransport (as
+service.warmup does): that client's own work, ~195 µs per request on the same thread,
+would be counted as the app's.
 Add --profile for cProfile's top functions (they overstate Python-heavy code several times).
 
     python -m bench.inprocess                    # POST /sample {"n": 1}, the W1 request

@@ -305,7 +305,7 @@ class Batcher:
             self._running.discard(task)  # before waking the drainer, which looks at _running
         _resolve(self._wake)
 
-    def _run_batch(self, batch: list[_Item]) -> list[Outputs | BaseException]:
+    def _run_batch(self, batch: list[_Item]) -> list[Result]:
         """On the inference thread: one merged pass, split back per request."""
         started = time.perf_counter()
         for item in batch:
@@ -346,12 +346,12 @@ class Batcher:
         parts = _split(outputs, [len(item.x) for item in batch])
         return [self._finite(model, part) for part in parts]
 
-    def _finite(self, model: ModelRuntime, outputs: Outputs | BaseException) -> Outputs | BaseException:
+    def _finite(self, model: ModelRuntime, outputs: Result) -> Result:
         if isinstance(outputs, BaseException):
             return outputs
         return faults.non_finite(model, self.op, outputs, self._metrics) or outputs
 
-    def _alone(self, model: ModelRuntime, item: _Item) -> Outputs | BaseException:
+    def _alone(self, model: ModelRuntime, item: _Item) -> Result:
         try:
             outputs = forward_rows(model, self.op, item.x, self.policy, item.future.done)
         except Abandoned as exc:  # its future is done: nothing is delivered, nothing failed
@@ -387,7 +387,7 @@ def _resolve(future: asyncio.Future[None] | None) -> None:
         future.set_result(None)
 
 
-def _split(outputs: Outputs, sizes: Sequence[int]) -> list[Outputs | BaseException]:
+def _split(outputs: Outputs, sizes: Sequence[int]) -> list[Result]:
     if len(sizes) == 1:
         return [outputs]
     bounds = np.cumsum(sizes)[:-1]

@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FUZZ_EXAMPLES ?= 200
 
-.PHONY: serve test install install-dev lint model model-2d bench screenshot clean fuzz reliability
+.PHONY: serve test install install-dev lint model model-2d model-prior model-2d-prior bench screenshot clean fuzz reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,16 +65,27 @@ bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # The shipped models. Each command reproduces its artifact (bit-for-bit weights on CPU for
-# the same torch build); the new version lands beside the shipped one in model_store/.
+# the same torch build); the new version lands beside the shipped ones in model_store/.
+# `model` and `model-2d` train the VAE and then its learned prior, in one version;
+# `model-prior` and `model-2d-prior` add the learned prior to the shipped v1, as v2 was made.
+PRIOR_ARGS := --prior-kind mixture --prior-codes draws --prior-components 50 --prior-iterations 60
 model: install-dev
 	$(BIN)/vae-train --name mnist --dataset mnist --data-dir $(MNIST_DIR) --epochs 130 \
 		--latent-dim 32 --channels 32 --hidden 512 --blocks 0 --batch-size 128 --lr 1e-3 \
-		--seed 0 --device cpu --threads 2 --workdir runs/mnist
+		--seed 0 --device cpu --threads 2 --workdir runs/mnist $(PRIOR_ARGS)
 
 model-2d: install-dev
 	$(BIN)/vae-train --name mnist-2d --dataset mnist --data-dir $(MNIST_DIR) --epochs 40 \
 		--latent-dim 2 --channels 32 --hidden 512 --blocks 0 --batch-size 128 --lr 1e-3 \
-		--seed 0 --device cpu --threads 2 --iwae-k 500 --workdir runs/mnist-2d
+		--seed 0 --device cpu --threads 2 --iwae-k 500 --workdir runs/mnist-2d $(PRIOR_ARGS)
+
+model-prior: install-dev
+	$(BIN)/vae-train --name mnist --from-artifact model_store/mnist/v1 --data-dir $(MNIST_DIR) \
+		--seed 0 --threads 2 --workdir runs/mnist-prior $(PRIOR_ARGS)
+
+model-2d-prior: install-dev
+	$(BIN)/vae-train --name mnist-2d --from-artifact model_store/mnist-2d/v1 --data-dir $(MNIST_DIR) \
+		--seed 0 --threads 2 --workdir runs/mnist-2d-prior $(PRIOR_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -21,6 +21,11 @@ measured and printed. Workloads (each: a warm-up, then the measured run):
     W2  POST /sample {"n": 64}                 8 connections
     W3  POST /encode one 28x28 PNG            32 connections
     W4  POST /reconstruct one 28x28 PNG       32 connections
+    W1s POST /sample {"n": 1, "prior": "standard"}    (ours only)
+    W2s POST /sample {"n": 64, "prior": "standard"}   (ours only)
+
+W1 and W2 draw through the model's default prior (the learned one, where it has one); W1s
+and W2s through the standard prior, so the learned prior's cost is their ratio.
 
 Then, for `ours`: the time from process start to ready, the first request after ready
 against the median of the next ones, and the RSS before and after a 60 s W1 run. Figures
@@ -78,7 +83,12 @@ WORKLOADS = (
     Workload("W2", "/sample", "sample64.json", 8, 64),
     Workload("W3", "/encode", "digit.json", 32, 1),
     Workload("W4", "/reconstruct", "digit.json", 32, 1),
+    # W1 and W2 through the standard prior, z = u, on our server only: against W1 and W2 (the
+    # model's default prior, the learned one where it has one), what the learned prior costs.
+    Workload("W1s", "/sample", "sample1-standard.json", 32, 1),
+    Workload("W2s", "/sample", "sample64-standard.json", 8, 64),
 )
+OURS_ONLY = ("W1s", "W2s")
 
 
 @dataclass
@@ -148,6 +158,8 @@ def digit_png() -> bytes:
 def write_bodies(work: Path) -> None:
     (work / "sample1.json").write_text(json.dumps({"n": 1}))
     (work / "sample64.json").write_text(json.dumps({"n": 64}))
+    (work / "sample1-standard.json").write_text(json.dumps({"n": 1, "prior": "standard"}))
+    (work / "sample64-standard.json").write_text(json.dumps({"n": 64, "prior": "standard"}))
     (work / "digit.json").write_text(json.dumps({"images": [base64.b64encode(digit_png()).decode()]}))
 
 
@@ -383,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         if "plain" in servers:
             env = clean_env(VAE_BENCH_MODEL=str(model_dir))
             with running("plain", uvicorn_argv("bench.plain_app:app"), env, work) as server:
-                for workload in workloads:
+                for workload in (w for w in workloads if w.key not in OURS_ONLY):
                     results.append(measure(wrk, server, workload, work, duration, warmup))
                     print(_line(results[-1]), flush=True)
         if "ours" in servers:
@@ -478,6 +490,11 @@ def report(results: list[Result], extra: dict[str, Any], load_start: str) -> Non
             checks.append((f"{key} ours / ceiling (req/s)", o.rps / c.rps, "-", True))
     if ours["W1"] and ceiling:
         ratio("W1 ours / ceiling (req/s)", ours["W1"].rps, ceiling.rps, 0.5)
+    for key, standard, what in (("W1", "W1s", "req/s"), ("W2", "W2s", "images/s")):
+        o, s = ours[key], ours[standard]
+        if o and s:
+            a, b = (o.images_per_s, s.images_per_s) if what == "images/s" else (o.rps, s.rps)
+            ratio(f"{key} default prior / standard prior ({what})", a, b, 0.9)
     if ours["W1"]:
         p99 = ours["W1"].p99_ms
         checks.append(("W1 ours p99 (ms)", p99, "<= 25", p99 <= 25.0))

@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "Accept", "Authorization", "X-API-Key"],
-            expose_headers=["X-Seed"],
+            expose_headers=["X-Seed", "X-Prior"],
         )
 
     def openapi() -> dict[str, Any]:

@@ -6,7 +6,8 @@ anything is loaded. It depends on torch and the standard library only, so both t
 trainer and the service can use it without importing each other.
 
     <store>/<name>/<version>/
-        model.pt        TorchScript: encode(x) -> (mu, sigma), decode(z) -> x, forward(x)
+        model.pt        TorchScript: encode(x) -> (mu, sigma), decode(z) -> x, forward(x),
+                        and prior(u) -> z when the model has a learned prior
         manifest.json   what the model is, how it was trained and evaluated, and files' sha256
         report/         figures and the model card, for people (and the latent map, for the UI)
 """
@@ -27,7 +28,11 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+# 2 added the priors: the manifest's `priors` and `default_prior`, and the model's prior(u).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+STANDARD_PRIOR = "standard"  # z = temperature * u, u ~ N(0, I): every model has it
+LEARNED_PRIOR = "learned"  # z = prior(temperature * u): the model's own map from noise to latents
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
 REPORT_DIR = "report"
@@ -43,6 +48,7 @@ REQUIRED_FIELDS = (
     "likelihood",
     "files",
 )
+REQUIRED_FIELDS_V2 = ("priors", "default_prior")
 
 
 class ArtifactError(Exception):
@@ -65,6 +71,28 @@ class Artifact:
     @property
     def latent_dim(self) -> int:
         return int(self.manifest["latent_dim"])
+
+    @property
+    def priors(self) -> tuple[str, ...]:
+        return priors(self.manifest)
+
+    @property
+    def default_prior(self) -> str:
+        return default_prior(self.manifest)
+
+
+def priors(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The priors a model offers, standard first. A format 1 artifact has the standard one only."""
+    if manifest.get("format_version") == 1:
+        return (STANDARD_PRIOR,)
+    return (STANDARD_PRIOR, *sorted(set(manifest["priors"]) - {STANDARD_PRIOR}))
+
+
+def default_prior(manifest: dict[str, Any]) -> str:
+    """The prior /sample uses when a request names none."""
+    if manifest.get("format_version") == 1:
+        return STANDARD_PRIOR
+    return manifest["default_prior"]
 
 
 def sha256_file(path: Path) -> str:
@@ -135,15 +163,19 @@ def write_artifact(
             if p.is_file()
         }
         full = {
+            # A model written without a word on priors offers the standard one only.
+            "priors": {STANDARD_PRIOR: {}},
+            "default_prior": STANDARD_PRIOR,
             **manifest,
             "format_version": FORMAT_VERSION,
             "name": name,
             "version": version,
             "files": files,
         }
-        missing = [f for f in REQUIRED_FIELDS if f not in full]
+        missing = [f for f in (*REQUIRED_FIELDS, *REQUIRED_FIELDS_V2) if f not in full]
         if missing:
             raise ArtifactError(f"manifest lacks required fields: {missing}")
+        _check_priors(full, "the manifest to write")
         _write(staging / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=False).encode() + b"\n")
         _fsync_dir(staging)
         os.rename(staging, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
@@ -202,12 +234,35 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
     missing = [f for f in REQUIRED_FIELDS if f not in manifest]
     if missing:
         raise ArtifactError(f"{manifest_path}: missing required fields {missing}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    found = manifest["format_version"]
+    if isinstance(found, bool) or found not in READABLE_VERSIONS:
+        newer = isinstance(found, int) and not isinstance(found, bool) and found > FORMAT_VERSION
         raise ArtifactError(
-            f"{manifest_path}: format_version {manifest['format_version']!r}, "
-            f"this code reads {FORMAT_VERSION}"
+            f"{manifest_path}: format_version {found!r}"
+            + (" is newer than this code" if newer else " is not a format version")
+            + f"; this code reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+            + (" (upgrade the service, or serve an older version of the model)" if newer else "")
         )
+    if found >= 2:
+        missing = [f for f in REQUIRED_FIELDS_V2 if f not in manifest]
+        if missing:
+            raise ArtifactError(f"{manifest_path}: missing required fields {missing} (format_version 2)")
+        _check_priors(manifest, str(manifest_path))
     return manifest
+
+
+def _check_priors(manifest: dict[str, Any], where: str) -> None:
+    offered = manifest["priors"]
+    known = (STANDARD_PRIOR, LEARNED_PRIOR)
+    if not isinstance(offered, dict) or STANDARD_PRIOR not in offered:
+        raise ArtifactError(f"{where}: `priors` must be an object that has {STANDARD_PRIOR!r} among its keys")
+    unknown = sorted(set(offered) - set(known))
+    if unknown:
+        raise ArtifactError(f"{where}: unknown priors {unknown}; known: {list(known)}")
+    if manifest["default_prior"] not in offered:
+        raise ArtifactError(
+            f"{where}: default_prior {manifest['default_prior']!r} is not among the priors {sorted(offered)}"
+        )
 
 
 def verify(path: Path | str) -> dict[str, Any]:
@@ -257,10 +312,12 @@ def load(path: Path | str, device: str | torch.device = "cpu") -> tuple[torch.ji
     except Exception as exc:  # torch raises RuntimeError and friends for corrupt archives
         raise ArtifactError(f"{path}: {MODEL_FILE} is not a loadable TorchScript model ({exc})") from exc
     model.eval()
-    for method in ("encode", "decode"):
+    art = Artifact(path, manifest)
+    needed = ("encode", "decode", *(("prior",) if LEARNED_PRIOR in art.priors else ()))
+    for method in needed:
         if not hasattr(model, method):
             raise ArtifactError(f"{path}: the TorchScript model has no {method}() method")
-    return model, Artifact(path, manifest)
+    return model, art
 
 
 def read_listed_file(art: Artifact, rel: str) -> bytes | None:

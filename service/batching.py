@@ -53,8 +53,10 @@ from service.runtime import ModelRuntime, TorchScriptRuntime
 
 log = logging.getLogger("service.batching")
 
-Op = Literal["encode", "decode"]
-Outputs = tuple[np.ndarray, ...]  # encode: (mu, sigma); decode: (images,)
+# "sample" is the learned prior's draw: noise u -> (z = prior(u), decode(z)) in one pass. (The
+# standard prior's draw, z = temperature * u, is computed per request and decoded by "decode".)
+Op = Literal["encode", "decode", "sample"]
+Outputs = tuple[np.ndarray, ...]  # encode: (mu, sigma); decode: (images,); sample: (z, images)
 Result = Outputs | BaseException  # one request's share of a pass, or what went wrong with it
 
 
@@ -77,6 +79,9 @@ class BatchPolicy:
 def forward(model: ModelRuntime, op: Op, x: np.ndarray) -> Outputs:
     if op == "encode":
         return model.encode(x)
+    if op == "sample":
+        z = model.prior(x)
+        return z, model.decode(z)
     return (model.decode(x),)
 
 
@@ -437,13 +442,16 @@ def needs_warm_up(model: ModelRuntime) -> bool:
 
 
 def warm_up_rows(model: ModelRuntime, policy: BatchPolicy, runs: int = 3) -> float:
-    """Runs both ops at the shape exact mode uses, a few times: TorchScript's profiling
+    """Runs every op at the shape exact mode uses, a few times: TorchScript's profiling
     executor optimises a graph for a shape only after it has run it, and that first
     optimisation (tens of ms here, much more on a loaded machine) must not land on a
     client's request. Returns the seconds it took."""
     started = time.perf_counter()
     x = np.zeros((policy.max_size, 28, 28), np.float32)
+    learned = "learned" in model.priors
     for _ in range(runs):
         mu, _sigma = forward_rows(model, "encode", x, policy)
         forward_rows(model, "decode", mu, policy)
+        if learned:
+            forward_rows(model, "sample", mu, policy)
     return time.perf_counter() - started

@@ -55,6 +55,8 @@ class Samples:
     seed: int
     temperature: float
     z: np.ndarray | None  # float32 [n, latent_dim] when asked for
+    prior: str = "standard"  # the prior the draws went through: "learned" or "standard"
+    u: np.ndarray | None = None  # float32 [n, latent_dim]: the noise z was made from, when asked for
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ def _npy_samples(response: httpx.Response, temperature: float) -> Samples:
         int(headers["X-Seed"]),
         temperature,
         None,
+        headers.get("X-Prior", "standard"),
     )
 
 
@@ -224,8 +227,16 @@ def _images(data: dict[str, Any]) -> np.ndarray:
 
 def _samples(data: dict[str, Any]) -> Samples:
     z = _floats(data["z"]) if data.get("z") is not None else None
+    u = _floats(data["u"]) if data.get("u") is not None else None
     return Samples(
-        data["model"], data["version"], _images(data), int(data["seed"]), float(data["temperature"]), z
+        data["model"],
+        data["version"],
+        _images(data),
+        int(data["seed"]),
+        float(data["temperature"]),
+        z,
+        data.get("prior", "standard"),
+        u,
     )
 
 
@@ -247,7 +258,12 @@ def _decode_body(z: np.ndarray | Sequence[Sequence[float]], model: str | None) -
 
 
 def _sample_body(
-    n: int, seed: int | None, temperature: float, model: str | None, return_latents: bool
+    n: int,
+    seed: int | None,
+    temperature: float,
+    model: str | None,
+    return_latents: bool,
+    prior: str | None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "n": n,
@@ -257,6 +273,8 @@ def _sample_body(
     }
     if seed is not None:
         body["seed"] = seed
+    if prior is not None:
+        body["prior"] = prior
     if model:
         body["model"] = model
     return body
@@ -308,8 +326,11 @@ class VAEClient:
         *,
         model: str | None = None,
         return_latents: bool = False,
+        prior: str | None = None,
     ) -> Samples:
-        body = _sample_body(n, seed, temperature, model, return_latents)
+        """n images drawn through `prior` ("learned" or "standard"; the model's default when
+        None). The same seed and prior give the same images."""
+        body = _sample_body(n, seed, temperature, model, return_latents, prior)
         if self.binary and not return_latents:
             return _npy_samples(self._send("POST", "/sample", json=body, headers=_NPY), temperature)
         return _samples(self._request("POST", "/sample", json=body))
@@ -389,8 +410,11 @@ class AsyncVAEClient:
         *,
         model: str | None = None,
         return_latents: bool = False,
+        prior: str | None = None,
     ) -> Samples:
-        body = _sample_body(n, seed, temperature, model, return_latents)
+        """n images drawn through `prior` ("learned" or "standard"; the model's default when
+        None). The same seed and prior give the same images."""
+        body = _sample_body(n, seed, temperature, model, return_latents, prior)
         if self.binary and not return_latents:
             response = await self._send("POST", "/sample", json=body, headers=_NPY)
             return _npy_samples(response, temperature)

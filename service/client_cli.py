@@ -1,6 +1,6 @@
 """vae-client: the command line on service.client.
 
-vae-client sample -n 16 --seed 1 -o grid.png
+vae-client sample -n 16 --seed 1 [--prior standard] -o grid.png
 vae-client encode digit.png [--json]
 vae-client decode '[[0.5, -1.0]]' --model mnist-2d -o out.png
 vae-client reconstruct in.png -o out.png
@@ -72,18 +72,24 @@ def _save(images: np.ndarray, output: Path) -> None:
 def sample(
     n: Annotated[int, typer.Option("-n", "--n", help="How many images.")] = 16,
     seed: Annotated[int | None, typer.Option(help="Seed; the same one gives the same images.")] = None,
-    temperature: Annotated[float, typer.Option(help="Scales the prior's standard deviation.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Scales the noise's standard deviation.")] = 1.0,
+    prior: Annotated[
+        str | None,
+        typer.Option(help="learned or standard (z = noise); default: the model's own default."),
+    ] = None,
     output: Output = Path("samples.png"),
     model: Model = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Draw n images from the prior and save them as one PNG grid."""
+    """Draw n images through a prior and save them as one PNG grid."""
     result = _call(
-        url, api_key, lambda client: client.sample(n, seed=seed, temperature=temperature, model=model)
+        url,
+        api_key,
+        lambda client: client.sample(n, seed=seed, temperature=temperature, model=model, prior=prior),
     )
     _save(result.images, output)
-    typer.echo(f"seed {result.seed} (model {result.model} {result.version})", err=True)
+    typer.echo(f"seed {result.seed}, {result.prior} prior (model {result.model} {result.version})", err=True)
 
 
 @app.command()

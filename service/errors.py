@@ -69,6 +69,10 @@ class InvalidRequest(ProblemError):
     status, slug, title = 422, "invalid-request", "Invalid request"
 
 
+class UnknownPrior(ProblemError):
+    status, slug, title = 422, "unknown-prior", "The model has no such prior"
+
+
 class BodyTooLarge(ProblemError):
     status, slug, title = 413, "body-too-large", "Request body too large"
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from service import faults
+from service.artifact import STANDARD_PRIOR
 from service.batching import Batchers, BatchPolicy, needs_warm_up, warm_up_rows
 from service.errors import RequestTimedOut
 from service.latents import draw_latents
@@ -142,20 +143,25 @@ class Inference:
         )
 
     async def sample(
-        self, model: ModelRuntime, n: int, seed: int, temperature: float
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(z, images) for n latents drawn from the prior with this seed."""
+        self, model: ModelRuntime, n: int, seed: int, temperature: float, prior: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(u, z, images) for n draws with this seed: noise u ~ N(0, temperature^2 I), then
+        z = u under the standard prior, z = model.prior(u) under the learned one."""
+        # Drawn here, per request, with the request's own generator (a few µs for small n):
+        # the noise never depends on what else is in the batch.
+        u = draw_latents(n, model.latent_dim, seed, temperature)
+        if prior == STANDARD_PRIOR:
+            return u, u, await self.decode(model, u)
         if self._batchers is not None:
-            # Drawn here, per request, with the request's own generator (a few µs for small n):
-            # the latents never depend on what else is in the batch.
-            z = draw_latents(n, model.latent_dim, seed, temperature)
-            return z, await self.decode(model, z)
+            z, images = await self._limited(model, "sample", self._batchers.get(model, "sample").submit(u))
+            return u, z, images
 
         def call() -> tuple[np.ndarray, np.ndarray]:
-            z = draw_latents(n, model.latent_dim, seed, temperature)
+            z = model.prior(u)
             return z, model.decode(z)
 
-        return await self._limited(model, "decode", self._run(model, "decode", n, call))
+        z, images = await self._limited(model, "sample", self._run(model, "sample", n, call))
+        return u, z, images
 
     async def warm_up(self, models: list[ModelRuntime]) -> None:
         """Runs each model at the batch shape before it serves (see batching.warm_up_rows),

@@ -158,14 +158,16 @@ async def samples(
     request: Request,
     model: ModelRuntime,
     x: np.ndarray,
+    u: np.ndarray,
     z: np.ndarray,
     seed: int,
     temperature: float,
+    prior: str,
     fmt: ImageFormat,
     return_latents: bool,
 ) -> Response:
-    # The seed travels in a header too, so a PNG sample can be reproduced as well.
-    headers = {"X-Seed": str(seed)}
+    # The seed and prior travel in headers too, so a PNG sample can be reproduced as well.
+    headers = sample_headers(seed, prior)
     if (other := await image_answer(request, model, x, headers)) is not None:
         return other
     body: dict[str, Any] = {
@@ -173,11 +175,17 @@ async def samples(
         "format": fmt,
         "seed": seed,
         "temperature": temperature,
+        "prior": prior,
         "images": await image_payload(x, fmt),
     }
     if return_latents:
         body["z"] = z
+        body["u"] = u
     return FastJSONResponse(body, headers=headers)
+
+
+def sample_headers(seed: int, prior: str) -> dict[str, str]:
+    return {"X-Seed": str(seed), "X-Prior": prior}
 
 
 async def reconstruction(
@@ -210,4 +218,7 @@ def model_info(model: ModelRuntime, default: str) -> dict[str, Any]:
         "created_at": manifest.get("created_at"),
         "metrics": manifest.get("metrics") or {},
         "latent_map": latent_map.of(model) is not None,
+        "priors": list(model.priors),
+        "default_prior": model.default_prior,
+        "prior_metrics": manifest.get("priors") or {},
     }

@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from service import latent_map, responses
 from service.auth import KeyedRoute
-from service.errors import NoLatentMap, TooManyItems
+from service.errors import NoLatentMap, TooManyItems, UnknownPrior
 from service.inference import Inference
 from service.inputs import (
     QUERY_OPTIONS_OPENAPI,
@@ -25,7 +25,7 @@ from service.inputs import (
 )
 from service.latents import MAX_SEED, random_seed
 from service.responses import NPY_MEDIA_TYPE, RAW_MEDIA_TYPE
-from service.runtime import ModelRegistry
+from service.runtime import ModelRegistry, ModelRuntime
 from service.schemas import (
     DecodeRequest,
     DecodeResponse,
@@ -35,6 +35,7 @@ from service.schemas import (
     LatentMapResponse,
     ModelInfo,
     ModelsResponse,
+    PriorName,
     Problem,
     Ready,
     ReconstructResponse,
@@ -175,17 +176,20 @@ async def decode(request: Request, body: DecodeRequest) -> Response:
     tags=["model"],
     responses=PNG_RESPONSE,
     openapi_extra=QUERY_OPTIONS_OPENAPI,
-    summary="Draw images from the prior",
+    summary="Draw images: noise u ~ N(0, I) through a prior to latents z, decoded",
 )
 async def sample(request: Request, body: SampleRequest) -> Response:
     registry, inference, state = serving_now(request)
     model, format = query_options(request)
     runtime = registry.get(body.model or model)
     _check_samples(body.n, state)
+    prior = _chosen_prior(runtime, body.prior)
     seed = random_seed() if body.seed is None else body.seed
-    z, x = await inference.sample(runtime, body.n, seed, body.temperature)
+    u, z, x = await inference.sample(runtime, body.n, seed, body.temperature, prior)
     fmt = chosen_format(body, format)
-    return await responses.samples(request, runtime, x, z, seed, body.temperature, fmt, body.return_latents)
+    return await responses.samples(
+        request, runtime, x, u, z, seed, body.temperature, prior, fmt, body.return_latents
+    )
 
 
 @api.get(
@@ -196,7 +200,7 @@ async def sample(request: Request, body: SampleRequest) -> Response:
     responses={
         200: {
             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-            "description": "A PNG grid; header X-Seed holds the seed used.",
+            "description": "A PNG grid; headers X-Seed and X-Prior hold the seed and prior used.",
         }
     },
 )
@@ -206,20 +210,37 @@ async def sample_png(
     n: Annotated[int, Query(ge=1, description="How many images.")] = 16,
     seed: Annotated[int | None, Query(ge=0, le=MAX_SEED, description="Random when left out.")] = None,
     temperature: Annotated[FiniteFloat, Query(gt=0.0, le=100.0)] = 1.0,
+    prior: Annotated[
+        PriorName | None,
+        Query(description="`learned` or `standard`, as in POST /sample; the model's default when left out."),
+    ] = None,
     model: ModelQuery = None,
 ) -> Response:
     registry, inference = serving
     runtime = registry.get(model)
     _check_samples(n, state)
+    chosen = _chosen_prior(runtime, prior)
     seed = random_seed() if seed is None else seed
-    _, x = await inference.sample(runtime, n, seed, temperature)
-    return await responses.png_response(x, {"X-Seed": str(seed)})
+    _, _, x = await inference.sample(runtime, n, seed, temperature, chosen)
+    return await responses.png_response(x, responses.sample_headers(seed, chosen))
 
 
 def _check_samples(n: int, state: ServiceState) -> None:
     limit = state.settings.max_samples
     if n > limit:
         raise TooManyItems(f"n is {n}; at most {limit} samples are drawn per request (VAE_MAX_SAMPLES)")
+
+
+def _chosen_prior(runtime: ModelRuntime, prior: str | None) -> str:
+    if prior is None:
+        return runtime.default_prior
+    if prior not in runtime.priors:
+        raise UnknownPrior(
+            f"model {runtime.name!r} ({runtime.version}) has no {prior!r} prior; its priors: "
+            f"{', '.join(runtime.priors)} (GET /models/{runtime.name} lists them)",
+            priors=list(runtime.priors),
+        )
+    return prior
 
 
 @api.get("/models", response_model=ModelsResponse, tags=["models"], summary="The loaded models")

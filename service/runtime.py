@@ -2,9 +2,9 @@
 registry of what was loaded at startup.
 
 Routes never touch torch; they hand numpy arrays to a ModelRuntime (through
-service.inference, which moves the call off the event loop). Anything with the same two
-methods can stand in: a test double, or later a micro-batching layer that merges
-concurrent requests before calling the real model.
+service.inference, which moves the call off the event loop). Anything with the same
+methods can stand in: a test double, or a micro-batching layer that merges concurrent
+requests before calling the real model.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class ModelRuntime(Protocol):
     latent_dim: int
     device: str
     manifest: dict[str, Any]
+    priors: tuple[str, ...]  # "standard" first; "learned" when the model has prior()
+    default_prior: str
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x [B, 28, 28] in [0, 1] -> (mu, sigma), each [B, latent_dim]."""
@@ -44,6 +46,11 @@ class ModelRuntime(Protocol):
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """z [B, latent_dim] -> Bernoulli means [B, 28, 28] in [0, 1]."""
+        ...
+
+    def prior(self, u: np.ndarray) -> np.ndarray:
+        """The learned prior's map: noise u [B, latent_dim] -> latents z [B, latent_dim].
+        Only called when "learned" is among `priors`."""
         ...
 
 
@@ -58,6 +65,8 @@ class TorchScriptRuntime:
         self.latent_dim = art.latent_dim
         self.device = str(device)
         self.manifest = art.manifest
+        self.priors = art.priors
+        self.default_prior = art.default_prior
         # The report's latent map (for the explorer page): read and checked once, here at load.
         self.latent_map = latent_map.read(art)
         self._device = device
@@ -92,6 +101,13 @@ class TorchScriptRuntime:
                 latents = latents.to(self._device)
             return _to_numpy(self.model.decode(latents))[:, 0]
 
+    def prior(self, u: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            noise = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
+            if self._device.type != "cpu":
+                noise = noise.to(self._device)
+            return _to_numpy(self.model.prior(noise))
+
     def warm_up(self) -> float:
         """Runs both methods once (the first TorchScript call compiles and allocates) and
         checks the shapes the contract promises. Returns the seconds it took."""
@@ -107,6 +123,14 @@ class TorchScriptRuntime:
             raise artifact.ArtifactError(
                 f"{self.artifact.path}: the model returns NaN or infinity on a blank image"
             )
+        if artifact.LEARNED_PRIOR in self.priors:
+            z = self.prior(np.zeros((2, self.latent_dim), np.float32))
+            if z.shape != (2, self.latent_dim) or not np.isfinite(z).all():
+                raise artifact.ArtifactError(
+                    f"{self.artifact.path}: prior(u) returned {list(z.shape)} "
+                    f"{'values' if np.isfinite(z).all() else 'with NaN or infinity'} for u = 0; "
+                    f"expected finite [2, {self.latent_dim}]"
+                )
         return time.perf_counter() - start
 
 

@@ -20,6 +20,7 @@ EXAMPLE_PNG = (
 
 Invert = Literal["auto"] | bool
 ImageFormat = Literal["png", "array"]
+PriorName = Literal["learned", "standard"]
 Images = list[str] | list[list[list[float]]]
 
 MODEL_FIELD = Field(
@@ -27,6 +28,14 @@ MODEL_FIELD = Field(
     description="A loaded model's name (GET /models); the default model when left out. "
     "The `model` query parameter does the same.",
     examples=["mnist"],
+)
+PRIOR_FIELD = Field(
+    None,
+    description="Where the noise u ~ N(0, temperature^2 I) goes. `standard`: z = u, the textbook "
+    "N(0, I) prior; draws that land between the regions where real digits' codes lie decode to "
+    "shapes between digits. `learned`: z = prior(u), the model's learned map from noise to where "
+    "the codes of real digits lie (the aggregate posterior), so draws avoid those holes. Left out: "
+    "the model's default, `learned` where it has one (GET /models/{name} lists its priors).",
 )
 FORMAT_FIELD = Field(
     "png",
@@ -117,10 +126,13 @@ class SampleRequest(_Request):
         1.0,
         gt=0.0,
         le=100.0,
-        description="Scales the prior's standard deviation: "
-        "z ~ N(0, temperature^2 I). Below 1 gives cleaner, less varied digits.",
+        description="Scales the noise: u ~ N(0, temperature^2 I), which is z itself under the "
+        "standard prior. Below 1 gives cleaner, less varied digits.",
     )
-    return_latents: bool = Field(False, description="Also return the latent vectors z.")
+    prior: PriorName | None = PRIOR_FIELD
+    return_latents: bool = Field(
+        False, description="Also return the latent vectors z and the noise u they were made from."
+    )
     model: str | None = MODEL_FIELD
     format: ImageFormat = FORMAT_FIELD
 
@@ -130,6 +142,7 @@ class SampleRequest(_Request):
             "examples": [
                 {"n": 16, "seed": 1},
                 {"n": 4, "seed": 7, "temperature": 0.8, "return_latents": True, "format": "array"},
+                {"n": 16, "seed": 3, "prior": "standard"},
             ]
         },
     )
@@ -180,8 +193,14 @@ class SampleResponse(BaseModel):
     format: ImageFormat
     seed: int = Field(description="The seed used: send it back to get the same images.")
     temperature: float
+    prior: PriorName = Field(description="The prior the draws went through.")
     images: Images
     z: list[list[float]] | None = Field(None, description="The latents, when return_latents was true.")
+    u: list[list[float]] | None = Field(
+        None,
+        description="The noise z was made from, when return_latents was true "
+        "(equal to z under the standard prior).",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -192,6 +211,7 @@ class SampleResponse(BaseModel):
                     "format": "png",
                     "seed": 1,
                     "temperature": 1.0,
+                    "prior": "learned",
                     "images": [EXAMPLE_PNG],
                 },
             ]
@@ -236,6 +256,19 @@ class ModelInfo(BaseModel):
     latent_map: bool = Field(
         False, description="Whether GET /models/{name}/latent-map has this model's map of test digits."
     )
+    priors: list[PriorName] = Field(
+        default_factory=lambda: ["standard"],
+        description="The priors /sample can draw through: `standard` always, `learned` where the "
+        "model has a learned map from noise to latents.",
+    )
+    default_prior: PriorName = Field(
+        "standard", description="The prior /sample uses when a request names none."
+    )
+    prior_metrics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Per prior, what the manifest records of it: how it was made, and the digit "
+        "classifier's verdict on its draws.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -250,6 +283,8 @@ class ModelInfo(BaseModel):
                     "dataset": "mnist",
                     "created_at": "2026-01-01T00:00:00Z",
                     "metrics": {"test_elbo_nats": -80.1},
+                    "priors": ["standard", "learned"],
+                    "default_prior": "learned",
                 },
             ]
         }

@@ -14,8 +14,9 @@ import torch
 from service import artifact
 from service.app import create_app
 from tests.service_support import Direct, InProcess, make_settings
-from trainer.export import to_torchscript
+from trainer.export import to_torchscript, with_prior
 from trainer.model import VAE, VAEConfig
+from trainer.prior import MixtureMap
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
@@ -34,12 +35,28 @@ def make_artifact(
     seed: int = 0,
     version: str | None = None,
     report_files: dict[str, bytes] | None = None,
+    learned_prior: bool = False,
     **manifest_extra,
 ) -> artifact.Artifact:
     """An untrained (randomly initialised) but fully valid artifact: fast, and enough to test
-    everything that does not depend on what the model learned."""
+    everything that does not depend on what the model learned. With learned_prior, it also
+    has a random three-component mixture as its learned (and default) prior: far from N(0, I)."""
     torch.manual_seed(seed)
     vae = VAE(VAEConfig(latent_dim=latent_dim, channels=8, hidden=32, blocks=0))
+    model = to_torchscript(vae)
+    if learned_prior:
+        g = torch.Generator().manual_seed(seed)
+        mixture = MixtureMap(
+            weights=torch.tensor([0.5, 0.3, 0.2]),
+            means=2 * torch.randn(3, latent_dim, generator=g),
+            covariances=0.04 * torch.eye(latent_dim).expand(3, latent_dim, latent_dim),
+        )
+        model = with_prior(model, mixture)
+        manifest_extra = {
+            "priors": {"standard": {"description": "N(0, I)"}, "learned": {"description": "random"}},
+            "default_prior": "learned",
+            **manifest_extra,
+        }
     manifest = {
         "created_at": "2026-01-01T00:00:00Z",
         "image_shape": [1, 28, 28],
@@ -49,9 +66,7 @@ def make_artifact(
         "metrics": {},
         **manifest_extra,
     }
-    return artifact.write_artifact(
-        store, name, to_torchscript(vae), manifest, report_files=report_files, version=version
-    )
+    return artifact.write_artifact(store, name, model, manifest, report_files=report_files, version=version)
 
 
 def synthetic_latent_map(latent_dim: int, points_per_class: int = 30, seed: int = 0) -> dict[str, bytes]:

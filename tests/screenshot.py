@@ -62,7 +62,11 @@ def use_every_panel(page: Page) -> None:
     page.fill("#sample-seed", "7")
     page.click("#sample-form button[type=submit]")
     expect(page.locator("#sample-seed-used")).to_contain_text("Seed 7")
+    expect(page.locator("#sample-grid-learned img")).to_have_count(30)
 
+    # The learned prior's draws over mnist-2d's map: where the codes of real digits are.
+    page.check("#map-draws-learned")
+    expect(page.locator("#map-draws-explain")).to_contain_text("learned prior")
     map_canvas = page.locator("#map")
     map_canvas.scroll_into_view_if_needed()
     box = map_canvas.bounding_box()

@@ -88,6 +88,17 @@ class InProcess:
         self._stack.close()
 
 
+class StandardPriorOnly:
+    """For ModelRuntime test doubles: a model with the standard prior only, as every model
+    before the learned prior (artifact format 1)."""
+
+    priors: tuple[str, ...] = ("standard",)
+    default_prior = "standard"
+
+    def prior(self, u: np.ndarray) -> np.ndarray:
+        raise AssertionError("this double has the standard prior only; prior() must not be called")
+
+
 class Direct:
     """The TorchScript model called directly: the reference the service must match."""
 

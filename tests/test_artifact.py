@@ -122,8 +122,61 @@ def test_future_format_is_refused(store: Path) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["format_version"] = 99
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(artifact.ArtifactError, match="format_version 99"):
+    with pytest.raises(artifact.ArtifactError, match="format_version 99 is newer than this code") as caught:
         artifact.verify(path)
+    assert "reads versions 1, 2" in str(caught.value) and "upgrade the service" in str(caught.value)
+    for odd in ("2", True, 0):
+        manifest["format_version"] = odd
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(artifact.ArtifactError, match="is not a format version"):
+            artifact.verify(path)
+
+
+def rewrite(path: Path, **changes) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_format_1_artifact_has_the_standard_prior_only(store: Path) -> None:
+    path = store / "m" / "v1"
+    rewrite(path, format_version=1, priors=None, default_prior=None)
+    _, art = artifact.load(path)
+    assert art.priors == ("standard",) and art.default_prior == "standard"
+
+
+def test_new_artifacts_are_format_2_and_list_their_priors(store: Path) -> None:
+    _, art = artifact.load(store / "m" / "v1")
+    assert art.manifest["format_version"] == 2
+    assert art.priors == ("standard",) and art.default_prior == "standard"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"priors": None}, r"missing required fields \['priors'\]"),
+        ({"priors": {"learned": {}}, "default_prior": "learned"}, "'standard' among its keys"),
+        ({"priors": {"standard": {}, "magic": {}}}, r"unknown priors \['magic'\]"),
+        ({"default_prior": "learned"}, "default_prior 'learned' is not among the priors"),
+        ({"priors": ["standard"]}, "must be an object"),
+    ],
+)
+def test_bad_prior_fields_are_refused(store: Path, changes: dict, message: str) -> None:
+    path = store / "m" / "v1"
+    rewrite(path, **changes)
+    with pytest.raises(artifact.ArtifactError, match=message):
+        artifact.verify(path)
+
+
+def test_a_learned_prior_without_the_models_prior_method_is_refused(store: Path) -> None:
+    path = store / "m" / "v1"
+    rewrite(path, priors={"standard": {}, "learned": {}}, default_prior="learned")
+    with pytest.raises(artifact.ArtifactError, match=r"has no prior\(\) method"):
+        artifact.load(path)
 
 
 def test_bad_names_are_refused(tmp_path: Path) -> None:

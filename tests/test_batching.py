@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from service_support import Direct, InProcess, make_settings
+from service_support import Direct, InProcess, StandardPriorOnly, make_settings
 
 from service import artifact
 from service.app import create_app
@@ -34,7 +34,7 @@ from service.runtime import ModelRegistry, TorchScriptRuntime
 MERGE_WAIT_MS = 300.0
 
 
-class Recorder:
+class Recorder(StandardPriorOnly):
     """A ModelRuntime double (latent_dim 3) that records the rows of every call, can be held
     up by an event, and fails any call containing a row whose first number is POISON."""
 

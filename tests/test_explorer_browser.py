@@ -61,7 +61,9 @@ class Console:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("explorer-store")
     make_artifact(store, "tiny", latent_dim=8, report_files=synthetic_latent_map(8))
-    make_artifact(store, "tiny-2d", latent_dim=2, seed=1, report_files=synthetic_latent_map(2))
+    make_artifact(
+        store, "tiny-2d", latent_dim=2, seed=1, report_files=synthetic_latent_map(2), learned_prior=True
+    )
     return store
 
 
@@ -168,6 +170,44 @@ def test_sampling_shows_a_grid_and_its_seed(page: Page) -> None:
     page.press("#sample-seed", "Enter")
     expect(page.locator("#sample-seed-used")).to_contain_text("Seed 42")
     assert grid.evaluate_all("imgs => imgs.map(i => i.src)") == first, "the same seed draws the same digits"
+
+
+def test_both_priors_are_drawn_from_the_same_seed_side_by_side(page: Page, output_dir: Path) -> None:
+    expect(page.locator("#sample-grid-standard img")).to_have_count(16)
+    expect(page.locator("#sample-learned")).to_be_hidden()  # tiny has the standard prior only
+    expect(page.locator("#sample-why")).to_contain_text("has the standard prior only")
+    page.select_option("#model", "tiny-2d")  # its learned prior is a random three-part mixture
+    page.fill("#sample-n", "9")
+    page.fill("#sample-seed", "5")
+    page.click("#sample-form button[type=submit]")
+    expect(page.locator("#sample-grid-learned img")).to_have_count(9)
+    expect(page.locator("#sample-grid-standard img")).to_have_count(9)
+    expect(page.locator("#sample-learned")).to_be_visible()
+    expect(page.locator("#sample-why")).to_contain_text("the same noise u in both grids")
+    expect(page.locator("#sample-seed-used")).to_contain_text("Seed 5")
+    standard = page.locator("#sample-grid-standard img").evaluate_all("imgs => imgs.map(i => i.src)")
+    learned = page.locator("#sample-grid-learned img").evaluate_all("imgs => imgs.map(i => i.src)")
+    assert standard != learned, "the learned prior maps the noise elsewhere"
+    page.locator("#sample-panel").screenshot(path=output_dir / "explorer-priors.png")
+
+
+def test_draws_of_both_priors_are_plotted_over_the_map(page: Page, output_dir: Path) -> None:
+    expect(page.locator("#map-explain")).to_contain_text("whole latent space")  # tiny-2d's map
+    canvas = page.locator("#map")
+    canvas.scroll_into_view_if_needed()
+    empty = canvas.screenshot()
+    page.check("#map-draws-standard")
+    expect(page.locator("#map-draws-explain")).to_contain_text(
+        "100 draws of u ~ N(0, I) (seed 1) through the standard"
+    )
+    with_standard = canvas.screenshot()
+    page.check("#map-draws-learned")
+    expect(page.locator("#map-draws-explain")).to_contain_text("standard and the learned prior")
+    with_both = canvas.screenshot()
+    assert len({empty, with_standard, with_both}) == 3, "each kind of draw changes the map"
+    page.locator("#map-panel").screenshot(path=output_dir / "explorer-map-draws.png")
+    page.select_option("#map-model", "tiny")  # no learned prior: its box is disabled
+    expect(page.locator("#map-draws-learned")).to_be_disabled()
 
 
 def test_out_of_range_sample_count_is_refused_by_the_form(page: Page) -> None:

@@ -48,6 +48,7 @@ class FaultyRuntime:
         self.inner = inner
         self.name, self.version, self.latent_dim = inner.name, inner.version, inner.latent_dim
         self.device, self.manifest = inner.device, inner.manifest
+        self.priors, self.default_prior = inner.priors, inner.default_prior
         self.decoded: list[np.ndarray] = []
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +66,9 @@ class FaultyRuntime:
         images[z[:, 0] == NAN_AT] = np.nan
         images[z[:, 0] == INF_AT] = np.inf
         return images
+
+    def prior(self, u: np.ndarray) -> np.ndarray:
+        return self.inner.prior(u)
 
 
 def test_the_double_implements_the_runtime_interface(tiny_store: Path) -> None:

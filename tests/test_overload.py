@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 from process_support import Served, metric, serve
-from service_support import InProcess, make_settings
+from service_support import InProcess, StandardPriorOnly, make_settings
 
 from service.app import create_app
 from service.runtime import ModelRegistry
@@ -291,7 +291,7 @@ def test_a_flood_of_large_uploads_is_refused_before_it_is_read(server: Served) -
 # ---------------------------------------------------------------------------- timeouts
 
 
-class Stalling:
+class Stalling(StandardPriorOnly):
     """A ModelRuntime double (latent_dim 3) whose decode waits for `gate` and records the
     first number of every row of every pass it runs."""
 

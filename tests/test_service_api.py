@@ -60,6 +60,9 @@ def test_health_readiness_and_models(api: InProcess) -> None:
         "created_at": "2026-01-01T00:00:00Z",
         "metrics": {},
         "latent_map": True,
+        "priors": ["standard"],
+        "default_prior": "standard",
+        "prior_metrics": {"standard": {}},
     }
 
 

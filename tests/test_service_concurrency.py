@@ -14,13 +14,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from service_support import Direct, InProcess, make_settings
+from service_support import Direct, InProcess, StandardPriorOnly, make_settings
 
 from service.app import create_app
 from service.runtime import ModelRegistry, ModelRuntime
 
 
-class SlowRuntime:
+class SlowRuntime(StandardPriorOnly):
     """A test double for ModelRuntime: answers after a delay and records how many of its
     calls overlapped."""
 

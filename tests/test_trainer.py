@@ -46,6 +46,8 @@ def toy_cli_args(data_dir: Path, store: Path, workdir: Path, iwae_k: int) -> lis
         "--name": "toy", "--dataset": "synthetic", "--data-dir": data_dir, "--epochs": 2,
         "--batch-size": 50, "--latent-dim": 3, "--channels": 8, "--hidden": 32, "--device": "cpu",
         "--out": store, "--workdir": workdir, "--iwae-k": iwae_k,
+        # A learned prior too, at a size that trains in about a second.
+        "--prior-components": 2, "--prior-iterations": 3, "--prior-nll-images": 10,
     }  # fmt: skip
     return [*(str(part) for pair in options.items() for part in pair), "--no-progress"]
 

@@ -18,10 +18,13 @@ from trainer import data
 from trainer.classifier import WEIGHTS, load_classifier, weights_sha256
 from trainer.evaluate import evaluate
 from trainer.export import to_torchscript
+from trainer.learned_prior import CODES, KINDS, STANDARD_DESCRIPTION, StageConfig, add_learned_prior
 from trainer.model import VAEConfig
+from trainer.prior import FlowConfig
 from trainer.quality import sample_quality
 from trainer.report import FIGURES, build_report, model_card
 from trainer.train import TrainConfig, resolve_device, train
+from trainer.train_prior import MixtureConfig, PriorTrainConfig
 
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
@@ -80,10 +83,78 @@ def main(
     limit_train: Annotated[int | None, typer.Option(help="use only N training images (quick runs)")] = None,
     limit_test: Annotated[int | None, typer.Option(help="evaluate on only N test images")] = None,
     progress: bool = True,
+    from_artifact: Annotated[
+        Path | None,
+        typer.Option(
+            help="train only the learned prior, on top of this artifact's encoder and decoder (which "
+            "are kept bit for bit); the VAE options are then ignored",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
+    prior: Annotated[bool, typer.Option(help="train the learned prior after the VAE")] = True,
+    prior_kind: Annotated[
+        str,
+        typer.Option(help="mixture (a Gaussian mixture, by EM) or flow (a spline flow; smooth, costlier)"),
+    ] = "mixture",
+    prior_codes: Annotated[
+        str,
+        typer.Option(help="fit to draws (one z ~ q(z|x) per image) or means (mu(x)) of the training set"),
+    ] = "draws",
+    prior_components: Annotated[int, typer.Option(help="mixture: Gaussian components")] = 50,
+    prior_iterations: Annotated[int, typer.Option(help="mixture: EM iterations")] = 60,
+    prior_epochs: Annotated[int, typer.Option(help="flow: epochs")] = 30,
+    prior_couplings: Annotated[int, typer.Option(help="flow: coupling layers")] = 8,
+    prior_hidden: Annotated[int, typer.Option(help="flow: width of each coupling's network")] = 256,
+    prior_nll_images: Annotated[
+        int, typer.Option(help="test images for the likelihood under each prior (0 = skip)")
+    ] = 1000,
 ) -> None:
-    """Train (or resume), evaluate on the test set, and write <out>/<name>/<version>/."""
+    """Train (or resume), evaluate on the test set, and write <out>/<name>/<version>/.
+
+    With --from-artifact, the VAE is not trained: the learned prior is trained on top of the
+    given artifact and written as the next version of --name."""
+    if prior_kind not in KINDS:
+        typer.echo(f"error: --prior-kind must be one of {', '.join(KINDS)}, not {prior_kind!r}", err=True)
+        raise typer.Exit(2)
+    if prior_codes not in CODES:
+        typer.echo(f"error: --prior-codes must be one of {', '.join(CODES)}, not {prior_codes!r}", err=True)
+        raise typer.Exit(2)
+    stage = StageConfig(
+        kind=prior_kind,
+        codes=prior_codes,
+        seed=seed,
+        mixture=MixtureConfig(components=prior_components, iterations=prior_iterations, seed=seed),
+        flow=PriorTrainConfig(
+            flow=FlowConfig(couplings=prior_couplings, hidden=prior_hidden),
+            epochs=prior_epochs,
+            seed=seed,
+            threads=threads,
+        ),
+        nll_images=prior_nll_images,
+    )
     if download:
         data.download(dataset, data_dir)
+    if from_artifact is not None:
+        try:
+            written = run_prior(
+                from_artifact,
+                name=name,
+                store=out,
+                data_dir=data_dir,
+                stage=stage,
+                workdir=workdir or Path("runs") / f"{name}-prior",
+                resume=resume,
+                progress=progress,
+                threads=threads,
+            )
+        except (data.DatasetError, artifact.ArtifactError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        typer.echo(f"wrote {written.path}")
+        return
     cfg = TrainConfig(
         dataset=dataset,
         data_dir=str(data_dir),
@@ -108,6 +179,7 @@ def main(
             resume=resume,
             iwae_k=iwae_k,
             progress=progress,
+            stage=stage if prior else None,
         )
     except data.DatasetError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -125,6 +197,7 @@ def run(
     resume: bool = True,
     iwae_k: int = 1000,
     progress: bool = True,
+    stage: StageConfig | None = None,
 ) -> artifact.Artifact:
     known = cfg.dataset if cfg.dataset in data.KNOWN_MD5 else None
     fingerprint = data.dataset_fingerprint(cfg.data_dir)
@@ -202,14 +275,94 @@ def run(
             "latent_map_data": "report/latent_map.json",
         },
     }
+    scripted = to_torchscript(model)
+    manifest["priors"] = {"standard": {"description": STANDARD_DESCRIPTION}}
+    manifest["default_prior"] = "standard"
+    if stage is not None:
+        added = add_learned_prior(
+            scripted,
+            cfg.dataset,
+            cfg.data_dir,
+            stage,
+            workdir,
+            resume,
+            progress,
+            cfg.limit_train,
+            cfg.limit_test,
+        )
+        scripted = added.model
+        figures.update(added.figures)
+        manifest["priors"] = added.priors
+        manifest["default_prior"] = "learned"
+        manifest["metrics"].update(added.metrics)
+    return _write(store, name, scripted, manifest, figures)
+
+
+def _write(
+    store: Path, name: str, scripted: torch.jit.ScriptModule, manifest: dict, figures: dict[str, bytes]
+) -> artifact.Artifact:
+    """The model card, the report's index of figures, then the artifact itself."""
     captions = {k: v for k, v in FIGURES.items() if k in figures}
     if "manifold.png" in figures:
         captions["manifold.png"] = "The decoder over a grid of the 2-D latent space"
+    manifest["report"] = {
+        **manifest.get("report", {}),
+        "model_card": "report/model_card.md",
+        "figures": {f"report/{k}": v for k, v in captions.items()},
+    }
     version = artifact.next_version(store, name)
     card = model_card({**manifest, "name": name, "version": version}, captions)
     figures["model_card.md"] = card.encode()
-    scripted = to_torchscript(model)
     return artifact.write_artifact(store, name, scripted, manifest, report_files=figures, version=version)
+
+
+# Fields of the base's manifest that describe the base artifact itself, not the model.
+_OWN_FIELDS = ("format_version", "name", "version", "files", "created_at", "priors", "default_prior", "base")
+
+
+def run_prior(
+    base_path: Path,
+    name: str,
+    store: Path,
+    data_dir: Path,
+    stage: StageConfig,
+    workdir: Path,
+    resume: bool = True,
+    progress: bool = True,
+    threads: int | None = None,
+) -> artifact.Artifact:
+    """A new version of `name`: the artifact at base_path (verified, its encoder and decoder
+    kept bit for bit) plus a learned prior trained on the codes of its training set."""
+    if threads:
+        torch.set_num_threads(threads)
+    base, art = artifact.load(base_path)
+    dataset = art.manifest.get("dataset") or {}
+    fingerprint = data.dataset_fingerprint(data_dir)
+    if dataset.get("sha256") and fingerprint != dataset["sha256"]:
+        raise data.DatasetError(
+            f"{data_dir} is not the data {art.name} {art.version} was trained on (its sha256 "
+            f"{fingerprint[:12]}…, the manifest's {dataset['sha256'][:12]}…); pass --data-dir of that dataset"
+        )
+    added = add_learned_prior(base, dataset.get("name", "mnist"), data_dir, stage, workdir, resume, progress)
+    manifest = {k: v for k, v in art.manifest.items() if k not in _OWN_FIELDS}
+    manifest["created_at"] = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    manifest["description"] = f"{manifest.get('description', 'VAE')}; plus a learned prior over z"
+    manifest["base"] = {
+        "name": art.name,
+        "version": art.version,
+        "model_sha256": art.manifest["files"][artifact.MODEL_FILE],
+        "note": "encoder and decoder are the base's, bit for bit: metrics.test and training are the base's",
+    }
+    manifest["priors"] = added.priors
+    manifest["default_prior"] = "learned"
+    manifest["metrics"] = {**manifest.get("metrics", {}), **added.metrics}
+    figures = {
+        rel.removeprefix(f"{artifact.REPORT_DIR}/"): artifact.read_listed_file(art, rel) or b""
+        for rel in art.manifest["files"]
+        if rel.startswith(f"{artifact.REPORT_DIR}/") and rel != "report/model_card.md"
+    }
+    figures.update(added.figures)
+    return _write(store, name, added.model, manifest, figures)
 
 
 if __name__ == "__main__":

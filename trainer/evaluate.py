@@ -4,6 +4,7 @@ bound (Burda et al. 2015) and the number of active latent units."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,9 +35,13 @@ def binarise(images_u8: Tensor, generator: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def iwae_log_likelihood(model: VAE, x: Tensor, k: int, chunk: int = 500) -> Tensor:
+def iwae_log_likelihood(
+    model: VAE, x: Tensor, k: int, chunk: int = 500, log_prior: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x); tight as k grows.
-    Returns one estimate per image. Samples are drawn in chunks to bound memory."""
+    Returns one estimate per image. Samples are drawn in chunks to bound memory.
+    `log_prior` is log p(z) per row (a learned prior's density); N(0, I) when None.
+    `model` needs only .encoder and .decoder (the VAE, or its TorchScript module)."""
     mu, sigma = model.encoder(x)
     log_weights = []
     for start in range(0, k, chunk):
@@ -44,7 +49,10 @@ def iwae_log_likelihood(model: VAE, x: Tensor, k: int, chunk: int = 500) -> Tens
         z = mu.unsqueeze(0) + sigma.unsqueeze(0) * torch.randn(n, *mu.shape, device=x.device)
         logits = model.decoder(z.flatten(0, 1)).view(n, x.shape[0], *x.shape[1:])
         log_px_z = -reconstruction_nll(logits.flatten(0, 1), x.repeat(n, 1, 1, 1)).view(n, -1)
-        log_pz = log_normal(z, torch.zeros_like(z), torch.ones_like(z))
+        if log_prior is None:
+            log_pz = log_normal(z, torch.zeros_like(z), torch.ones_like(z))
+        else:
+            log_pz = log_prior(z.flatten(0, 1)).view(n, -1)
         log_qz_x = log_normal(z, mu.unsqueeze(0), sigma.unsqueeze(0))
         log_weights.append(log_px_z + log_pz - log_qz_x)
     return torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(k)

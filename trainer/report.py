@@ -28,6 +28,8 @@ FIGURES = {
     "latent_map.png": "Posterior means of test digits by class, with the prior's contours",
     "kl_per_dim.png": "KL to the prior per latent dimension (active units stand out)",
     "interpolation.png": "Interpolations in latent space between test digits",
+    "prior_comparison.png": "The same noise decoded through the standard and the learned prior",
+    "prior_draws.png": "Draws of both priors over the posterior means of test digits",
 }
 
 
@@ -194,6 +196,58 @@ def build_report(
     return files, latent_map_data
 
 
+def prior_comparison(standard: Tensor, learned: Tensor) -> bytes:
+    """Decoded draws through both priors from the same noise u, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
+    for ax, images, title in (
+        (axes[0], standard, "standard prior: z = u"),
+        (axes[1], learned, "learned prior: z = prior(u)"),
+    ):
+        ax.imshow(image_grid(images, 10), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(
+        "The same 100 noise vectors u ~ N(0, I), decoded through each prior: the learned one moves "
+        "draws out of the holes between the digits' regions",
+        fontsize=9,
+    )
+    return _png(fig)
+
+
+def prior_draws_map(
+    coords: np.ndarray, labels: np.ndarray, standard: np.ndarray, learned: np.ndarray, projected: bool
+) -> bytes:
+    """Draws of both priors over the posterior means of test digits, in the latent map's plane."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6), sharex=True, sharey=True)
+    cmap = plt.get_cmap("tab10")
+    for ax, draws, title in (
+        (axes[0], standard, "standard prior z = u"),
+        (axes[1], learned, "learned prior z = prior(u)"),
+    ):
+        for k in range(10):
+            sel = labels == k
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=2, color=cmap(k), alpha=0.3)
+        ax.scatter(draws[:, 0], draws[:, 1], s=4, color="black", alpha=0.7, label="draws")
+        ax.set_title(title, fontsize=10)
+        ax.set_aspect("equal")
+        ax.set_xlabel("PC 1 of posterior means" if projected else "z₁")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[0].set_ylabel("PC 2 of posterior means" if projected else "z₂")
+    lim = max(3.5, float(np.percentile(np.abs(coords), 99.5)) * 1.05)
+    axes[0].set_xlim(-lim, lim)
+    axes[0].set_ylim(-lim, lim)
+    fig.suptitle(
+        "Draws (black) over the posterior means of test digits (coloured by class), in the plane of "
+        "their two main axes.\nThe holes between the classes' regions lie in all 32 dimensions and "
+        "overlap in this projection; the 2-D model's figure shows them."
+        if projected
+        else "Draws (black) over the posterior means of test digits (coloured by class): N(0, I) draws "
+        "also fall in the holes between the regions, the learned prior's fall where digits are",
+        fontsize=9,
+    )
+    return _png(fig)
+
+
 @torch.no_grad()
 def manifold(model: VAE, steps: int = 20, extent: float = 3.0) -> bytes:
     """For a 2-D latent space: the decoded image at every point of a grid over [-3, 3]^2."""
@@ -203,56 +257,113 @@ def manifold(model: VAE, steps: int = 20, extent: float = 3.0) -> bytes:
     return _grid_figure(image_grid(images, steps, pad=0), "Decoded grid over z in [-3, 3]²")
 
 
+def prior_card(manifest: dict) -> list[str]:
+    """The model card's section on the priors /sample can draw through (format 2 manifests)."""
+    priors = manifest.get("priors")
+    if not priors:
+        return []
+    lines = [
+        "",
+        "## Priors",
+        "",
+        f"`/sample` draws noise u ~ N(0, I) and decodes z; the default is **{manifest['default_prior']}**.",
+        "",
+    ]
+    for name in ("standard", "learned"):
+        if name in priors:
+            lines.append(f"- **{name}**: {priors[name]['description']}")
+    rows = [(n, priors[n].get("sample_quality")) for n in ("standard", "learned") if n in priors]
+    learned = priors.get("learned") or {}
+    if learned.get("flow_sample_quality"):
+        rows.append(("(the flow's exact inverse)", learned["flow_sample_quality"]))
+    rows = [(n, q) for n, q in rows if q]
+    if rows:
+        first = rows[0][1]
+        lines += [
+            "",
+            f"The digit classifier on {first['samples']:,} draws at temperature {first['temperature']:g}, "
+            "the same noise for each prior:",
+            "",
+            f"| prior | confident (≥ {first['confidence_threshold']}) | rarest digit | inception score |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {n} | {q['confident_share']:.1%} | {q['min_class_share']:.1%} | {q['inception_score']:.2f} |"
+            for n, q in rows
+        ]
+    nll = manifest["metrics"].get("prior_likelihood")
+    if nll:
+        lines += [
+            "",
+            f"IWAE NLL of {nll['images']:,} binarised test images (k = {nll['iwae_k']}): "
+            f"{nll['standard_iwae_nll']:.2f} nats with p(z) = N(0, I), "
+            f"{nll['learned_iwae_nll']:.2f} nats with p(z) the learned prior's density.",
+        ]
+    return lines
+
+
 def model_card(manifest: dict, figures: dict[str, str]) -> str:
-    """The model card: what the model is, how well it does, how it was made."""
-    m = manifest["metrics"]["test"]
-    q = manifest["metrics"].get("sample_quality")
-    t = manifest["training"]
+    """The model card: what the model is, how well it does, how it was made. Any artifact's
+    manifest will do (a learned prior can be added to one that lacks the trainer's fields)."""
+    metrics = manifest.get("metrics") or {}
+    m = metrics.get("test")
+    q = metrics.get("sample_quality")
+    t = manifest.get("training") or {}
+    dataset = manifest.get("dataset") or {}
+    trained_on = f"**{dataset.get('name', 'an unnamed dataset')}**"
+    if dataset.get("train_images"):
+        trained_on += f" ({dataset['train_images']:,} training images)"
     lines = [
         f"# Model card: {manifest['name']} {manifest['version']}",
         "",
-        f"A convolutional variational autoencoder trained on **{manifest['dataset']['name']}** "
-        f"({manifest['dataset']['train_images']:,} training images). "
+        f"A convolutional variational autoencoder trained on {trained_on}. "
         f"Latent space: {manifest['latent_dim']} dimensions, prior N(0, I); posterior q(z|x) = "
         "N(mu, diag(sigma²)); likelihood: independent Bernoulli over the 784 pixels.",
         "",
-        f"Created {manifest['created_at']} by `vae-train` in {t['wall_time_s'] / 60:.1f} minutes of "
-        f"training on {t['device']} ({t['epochs']} epochs).",
-        "",
-        "## Metrics on the held-out test set",
-        "",
-        f"Measured on {m['images']:,} test images, stochastically binarised with seed "
-        f"{m['binarisation_seed']}.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| IWAE NLL, k = {m['iwae_k']} (−log p(x), upper bound) | {m['iwae_nll']:.2f} nats |"
-        if m.get("iwae_nll") is not None
-        else "| IWAE NLL | not computed |",
-        f"| negative ELBO | {m['neg_elbo']:.2f} nats |",
-        f"| reconstruction term E_q[−log p(x∣z)] | {m['reconstruction']:.2f} nats |",
-        f"| KL(q(z∣x) ‖ N(0, I)) | {m['kl']:.2f} nats |",
-        f"| active latent units (Cov_x(mu) > 0.01) | {m['active_units']} of {manifest['latent_dim']} |",
     ]
-    if q:
+    if t.get("wall_time_s") is not None:
         lines += [
-            f"| prior samples recognised with confidence ≥ {q['confidence_threshold']} | "
+            f"Created {manifest['created_at']} by `vae-train` in {t['wall_time_s'] / 60:.1f} minutes of "
+            f"training on {t['device']} ({t['epochs']} epochs).",
+            "",
+        ]
+    if manifest.get("base"):
+        base = manifest["base"]
+        lines += [
+            f"Its encoder and decoder are those of {base['name']} {base['version']}, bit for bit; the "
+            "figures below that concern them were measured on that version.",
+            "",
+        ]
+    if m:
+        lines += [
+            "## Metrics on the held-out test set",
+            "",
+            f"Measured on {m['images']:,} test images, stochastically binarised with seed "
+            f"{m['binarisation_seed']}.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| IWAE NLL, k = {m['iwae_k']} (−log p(x), upper bound) | {m['iwae_nll']:.2f} nats |"
+            if m.get("iwae_nll") is not None
+            else "| IWAE NLL | not computed |",
+            f"| negative ELBO | {m['neg_elbo']:.2f} nats |",
+            f"| reconstruction term E_q[−log p(x∣z)] | {m['reconstruction']:.2f} nats |",
+            f"| KL(q(z∣x) ‖ N(0, I)) | {m['kl']:.2f} nats |",
+            f"| active latent units (Cov_x(mu) > 0.01) | {m['active_units']} of {manifest['latent_dim']} |",
+        ]
+    if q and m:
+        lines += [
+            f"| draws z ~ N(0, I) recognised with confidence ≥ {q['confidence_threshold']} | "
             f"{q['confident_share']:.1%} of {q['samples']:,} |",
             f"| rarest digit among confident samples | {q['min_class_share']:.1%} |",
             f"| reconstructions keeping their label | {q['reconstruction_accuracy']:.2%} |",
             f"| (judge: digit classifier's own test accuracy) | {q['classifier_accuracy']:.2%} |",
         ]
+    lines += prior_card(manifest)
     lines += ["", "## Figures", ""]
     for name, caption in figures.items():
         lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
-    lines += [
-        "## How it was trained",
-        "",
-        "```json",
-        json.dumps(t["config"], indent=2),
-        "```",
-        "",
-        "Reproduce with `make model` (see the repository README).",
-        "",
-    ]
+    if t.get("config"):
+        lines += ["## How it was trained", "", "```json", json.dumps(t["config"], indent=2), "```", ""]
+    lines += ["Reproduce with the make targets in the repository README.", ""]
     return "\n".join(lines)

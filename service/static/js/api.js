@@ -68,8 +68,13 @@ export const api = {
   /** images: PNG/JPEG data URLs. Answers decode(mu) as base64 PNGs, with mu and sigma. */
   reconstruct: (model, images) => call("POST", "/reconstruct", { model, images, format: "png" }),
   decode: (model, z) => call("POST", "/decode", { model, z, format: "png" }),
-  sample: (model, n, seed, temperature) =>
-    call("POST", "/sample", { model, n, temperature, format: "png", ...withSeed(seed) }),
+  /** prior: "standard", "learned", or null for the model's default. With returnLatents the
+   *  answer also has the noise u and the latents z. */
+  sample: (model, n, seed, temperature, prior = null, returnLatents = false) =>
+    call("POST", "/sample", {
+      model, n, temperature, format: "png", return_latents: returnLatents,
+      ...withSeed(seed), ...(prior === null ? {} : { prior }),
+    }),
 };
 
 export const pngSrc = (base64) => `data:image/png;base64,${base64}`;

@@ -14,6 +14,7 @@ export class LatentMapView {
     this.onPick = onPick;
     this.map = null;
     this.cursor = null;
+    this.draws = {};
     this.base = document.createElement("canvas");
     [this.base.width, this.base.height] = [canvas.width, canvas.height];
     this.#listen();
@@ -21,6 +22,7 @@ export class LatentMapView {
 
   setData(map) {
     this.map = map;
+    this.draws = {};
     // Like the report's figure: at least the prior's 3 sigma, more when the data reach further.
     const radii = map.points.map(([x, y]) => Math.max(Math.abs(x), Math.abs(y))).sort((a, b) => a - b);
     const p995 = radii.length ? radii[Math.min(radii.length - 1, Math.floor(0.995 * radii.length))] : 0;
@@ -40,6 +42,21 @@ export class LatentMapView {
   toLatent([x, y]) {
     const axes = this.map?.projection?.axes;
     return axes ? axes[0].map((a, i) => x * a + y * axes[1][i]) : [x, y];
+  }
+
+  /** The map point of a latent vector: itself for a 2-D model, else its projection on the
+   *  two axes (the inverse of toLatent on the plane). */
+  toMap(z) {
+    const axes = this.map?.projection?.axes;
+    if (!axes) return [z[0], z[1]];
+    const dot = (axis) => axis.reduce((sum, a, i) => sum + a * z[i], 0);
+    return [dot(axes[0]), dot(axes[1])];
+  }
+
+  /** Draws of the priors to plot over the digits: { standard: [[x, y], ...], learned: [...] }. */
+  setDraws(draws) {
+    this.draws = draws;
+    if (this.map) this.#draw();
   }
 
   /** The test digit whose posterior mean lies nearest to a map point: [label, distance]. */
@@ -115,6 +132,7 @@ export class LatentMapView {
   #draw() {
     const ctx = this.ctx;
     ctx.drawImage(this.base, 0, 0);
+    this.#drawDraws();
     if (!this.cursor) return;
     const [cx, cy] = this.#px(this.cursor);
     // Black and white rings: visible over points of any colour.
@@ -131,6 +149,29 @@ export class LatentMapView {
       ctx.lineTo(cx, cy - 5);
       ctx.moveTo(cx, cy + 5);
       ctx.lineTo(cx, cy + 15);
+      ctx.stroke();
+    }
+  }
+
+  // Standard draws as black rings, learned ones as white dots outlined in black: both stay
+  // visible over points of any colour and over each other.
+  #drawDraws() {
+    const ctx = this.ctx;
+    ctx.lineWidth = 1.5;
+    for (const [x, y] of this.draws.standard ?? []) {
+      const [px, py] = this.#px([x, y]);
+      ctx.strokeStyle = "#000";
+      ctx.beginPath();
+      ctx.arc(px, py, 3.5, 0, 2 * Math.PI);
+      ctx.stroke();
+    }
+    for (const [x, y] of this.draws.learned ?? []) {
+      const [px, py] = this.#px([x, y]);
+      ctx.fillStyle = "#fff";
+      ctx.strokeStyle = "#000";
+      ctx.beginPath();
+      ctx.arc(px, py, 3.5, 0, 2 * Math.PI);
+      ctx.fill();
       ctx.stroke();
     }
   }

@@ -133,21 +133,37 @@ $("#sort-kl").addEventListener("change", showEncoding);
 const sampleForm = $("#sample-form");
 const sampleStatus = $("#sample-status");
 
-const sampler = new LatestOnly(
-  ({ model, n, seed, temperature }) => api.sample(model, n, seed, temperature),
-  {
-    onResult: (answer) => {
-      const images = answer.images.map((b64, i) => digitImage(b64, `Sample ${i + 1} of ${answer.images.length}`));
-      $("#sample-grid").replaceChildren(...images);
-      $("#sample-seed-used").textContent =
-        `Seed ${answer.seed}, temperature ${answer.temperature}, ${answer.model} ${answer.version}. ` +
-        "Enter the seed to draw these again.";
-      showStatus(sampleStatus, "");
-    },
-    onError: (error) => showError(sampleStatus, error),
-    onBusy: busyFlag($("#sample-panel")),
+const modelInfo = (name) => state.models.find((m) => m.name === name);
+const hasLearnedPrior = (name) => Boolean(modelInfo(name)?.priors?.includes("learned"));
+
+// Both priors from the same seed, so that the same noise u goes through each: the standard
+// draw first (it picks the seed when none is given), then the learned one with its seed.
+async function sampleBothPriors({ model, n, seed, temperature }) {
+  const standard = await api.sample(model, n, seed, temperature, "standard");
+  const learned = hasLearnedPrior(model) ? await api.sample(model, n, standard.seed, temperature, "learned") : null;
+  return { standard, learned };
+}
+
+const sampler = new LatestOnly(sampleBothPriors, {
+  onResult: ({ standard, learned }) => {
+    const grid = (answer, prior) =>
+      answer.images.map((b64, i) => digitImage(b64, `Sample ${i + 1} of ${answer.images.length}, ${prior} prior`));
+    $("#sample-grid-standard").replaceChildren(...grid(standard, "standard"));
+    $("#sample-grid-learned").replaceChildren(...(learned ? grid(learned, "learned") : []));
+    $("#sample-learned").hidden = !learned;
+    $("#sample-seed-used").textContent =
+      `Seed ${standard.seed}, temperature ${standard.temperature}, ${standard.model} ${standard.version}. ` +
+      "Enter the seed to draw these again.";
+    $("#sample-why").textContent = learned
+      ? "Each position holds the same noise u in both grids: where u falls between the regions in which " +
+        "real digits' codes lie, the standard prior decodes a shape between digits, while the learned " +
+        "prior has moved it into one of those regions."
+      : `${standard.model} has the standard prior only: its artifact carries no learned map from noise to latents.`;
+    showStatus(sampleStatus, "");
   },
-);
+  onError: (error) => showError(sampleStatus, error),
+  onBusy: busyFlag($("#sample-panel")),
+});
 
 function drawSamples() {
   // Also called when the model changes: never send what the form itself would refuse.
@@ -219,6 +235,7 @@ async function loadMap() {
     if (mapSelect.value !== name) return; // the user picked another model meanwhile
     mapView.setData(map);
     fillLegend(map.class_names);
+    await showDraws();
     $("#map-explain").textContent = map.projection
       ? `${map.model} has ${map.latent_dim} latent dimensions. The map shows the plane of the two main ` +
         "(PCA) axes of its test digits' means; the cursor decodes x\u00b7axis\u2081 + y\u00b7axis\u2082, every " +
@@ -247,6 +264,42 @@ function fillLegend(classNames) {
 }
 
 mapSelect.addEventListener("change", loadMap);
+
+// Draws of each prior over the map: where the noise lands in latent space, beside the codes
+// of real digits. A fixed seed, so that toggling shows the same draws again.
+const DRAWS = 100;
+const drawBoxes = { standard: $("#map-draws-standard"), learned: $("#map-draws-learned") };
+
+async function showDraws() {
+  const map = mapView.map;
+  if (!map) return;
+  const learned = hasLearnedPrior(map.model);
+  drawBoxes.learned.disabled = !learned;
+  if (!learned) drawBoxes.learned.checked = false;
+  const draws = {};
+  try {
+    for (const [prior, box] of Object.entries(drawBoxes)) {
+      if (!box.checked) continue;
+      const answer = await api.sample(map.model, DRAWS, 1, 1.0, prior, true);
+      if (mapView.map !== map) return; // another map was loaded meanwhile
+      draws[prior] = answer.z.map((z) => mapView.toMap(z));
+    }
+  } catch (error) {
+    showError(mapStatus, error);
+    return;
+  }
+  mapView.setDraws(draws);
+  const shown = Object.keys(draws);
+  $("#map-draws-explain").textContent = !shown.length
+    ? learned
+      ? "Tick a box to plot draws of either prior over the test digits."
+      : `${map.model} has the standard prior only.`
+    : `${DRAWS} draws of u ~ N(0, I) (seed 1) through the ${shown.join(" and the ")} prior: ` +
+      shown.map((prior) => (prior === "standard" ? "black rings for z = u" : "white dots for z = prior(u)")).join(", ") +
+      ". Draws of the standard prior that land between the coloured regions decode to shapes between digits.";
+}
+
+for (const box of Object.values(drawBoxes)) box.addEventListener("change", showDraws);
 
 // ------------------------------------------------------------------ interpolation panel
 

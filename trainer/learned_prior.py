@@ -1,10 +1,11 @@
 """The second stage: a learned prior on top of a trained VAE, its evaluation and its report.
 
 The VAE's TorchScript module is taken as it is (encoder and decoder bit for bit); what is
-added is prior(u) -> z. Steps: the posterior means of the training set (the codes), a
-density fitted to them (a Gaussian mixture, or a flow: trainer.train_prior), its map from
-noise to latents exported as prior(u), then the digit classifier's verdict on draws
-through both priors from the same noise, and the likelihood of test digits under each.
+added is prior(u) -> z. Steps: the codes of the training set (one posterior draw per
+image, or the posterior means), a density fitted to them (a Gaussian mixture, or a flow:
+trainer.train_prior), its map from noise to latents exported as prior(u), then the digit
+classifier's verdict on draws through both priors from the same noise, and the likelihood
+of test digits under each.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ a fixed function of N(0, I) noise, keeps the N(0, I) story and the seeds' meanin
 
     u ~ N(0, I)   ->   z = prior(u)   ->   x = decode(z)
 
-Two such densities are here, both fitted by maximum likelihood to the posterior means of
-the training set (trainer/train_prior.py; the comparison is in docs/training.md):
+Two such densities are here, both fitted by maximum likelihood to the codes of the
+training set, one posterior draw per image or the posterior means (trainer/train_prior.py;
+the comparison is in docs/training.md):
 
 - MixtureMap, the shipped one: a Gaussian mixture (ex-post density estimation, Ghosh et al.
   2020). Phi(u_1) picks the component, the rest of u is its Gaussian draw. Its draws are

@@ -1,7 +1,8 @@
 """Fitting the learned prior (trainer.prior) on top of a trained VAE: plain PyTorch.
 
-The VAE is not touched. Its encoder turns every training image into the mean of its
-posterior, mu(x): the codes. Either density is fitted to them by maximum likelihood:
+The VAE is not touched. Its encoder turns every training image into its posterior: one
+draw z ~ q(z|x), or the mean mu(x), is its code. Either density is fitted to the codes by
+maximum likelihood:
 
 - fit_mixture: a Gaussian mixture, by EM (the shipped models' learned prior);
 - train_prior: a normalising flow, by stochastic gradient descent, with the test set's

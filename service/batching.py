@@ -47,6 +47,7 @@ from typing import Literal
 import numpy as np
 
 from service import faults
+from service.artifact import LEARNED_PRIOR
 from service.errors import ProblemError
 from service.metrics import Metrics
 from service.runtime import ModelRuntime, TorchScriptRuntime
@@ -448,7 +449,7 @@ def warm_up_rows(model: ModelRuntime, policy: BatchPolicy, runs: int = 3) -> flo
     client's request. Returns the seconds it took."""
     started = time.perf_counter()
     x = np.zeros((policy.max_size, 28, 28), np.float32)
-    learned = "learned" in model.priors
+    learned = LEARNED_PRIOR in model.priors
     for _ in range(runs):
         mu, _sigma = forward_rows(model, "encode", x, policy)
         forward_rows(model, "decode", mu, policy)

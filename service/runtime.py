@@ -87,26 +87,23 @@ class TorchScriptRuntime:
     # take-back can wait a whole GIL switch interval (docs/performance.md).
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)[:, None])
-            if self._device.type != "cpu":
-                batch = batch.to(self._device)
-            mu, sigma = self.model.encode(batch)
+            mu, sigma = self.model.encode(self._input(x[:, None]))
             # mu and sigma are usually views into one tensor: copy them out contiguous for orjson
             return _to_numpy(mu), _to_numpy(sigma)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            latents = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
-            if self._device.type != "cpu":
-                latents = latents.to(self._device)
-            return _to_numpy(self.model.decode(latents))[:, 0]
+            return _to_numpy(self.model.decode(self._input(z)))[:, 0]
 
     def prior(self, u: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            noise = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
-            if self._device.type != "cpu":
-                noise = noise.to(self._device)
-            return _to_numpy(self.model.prior(noise))
+            return _to_numpy(self.model.prior(self._input(u)))
+
+    def _input(self, array: np.ndarray) -> torch.Tensor:
+        """A request's array as the model's float32 input, on its device (no copy on the CPU
+        when it already is contiguous float32)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        return tensor if self._device.type == "cpu" else tensor.to(self._device)
 
     def warm_up(self) -> float:
         """Runs both methods once (the first TorchScript call compiles and allocates) and

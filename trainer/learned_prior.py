@@ -10,7 +10,6 @@ of test digits under each.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from trainer import data
 from trainer.classifier import WEIGHTS, load_classifier, weights_sha256
 from trainer.evaluate import binarise, iwae_log_likelihood
 from trainer.export import with_prior
+from trainer.model import log_normal
 from trainer.prior import NoiseToLatent
 from trainer.quality import noise, prior_quality
 from trainer.report import latent_projection, prior_comparison, prior_draws_map
@@ -113,7 +113,7 @@ def add_learned_prior(
     scripted = with_prior(base, mapping)
 
     with torch.no_grad():
-        standard_nll_z = -float(_standard_log_prob(test_codes).mean())
+        standard_nll_z = -float(log_normal(test_codes, torch.zeros(()), torch.ones(())).mean())
         learned_nll_z = -float(
             torch.cat([density(test_codes[s : s + 2000]) for s in range(0, len(test_codes), 2000)]).mean()
         )
@@ -200,10 +200,6 @@ def _fit(
             ],
         },
     )
-
-
-def _standard_log_prob(z: Tensor) -> Tensor:
-    return -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi))
 
 
 @torch.no_grad()

@@ -60,12 +60,14 @@ def prior_quality(
     samples: int = 5000,
     temperature: float = 1.0,
     seed: int = 0,
+    confidence_threshold: float = 0.9,
 ) -> dict:
     """decode(z) for `samples` draws through a prior, judged. z = temperature * u for the
     standard prior (prior None), z = prior(temperature * u) for a learned one."""
     u = noise(samples, latent_dim, seed) * temperature
     z = u if prior is None else torch.cat([prior(u[s : s + 1000]) for s in range(0, samples, 1000)])
-    return {**judge_images(judge, decode_all(decode, z)), "temperature": temperature, "seed": seed}
+    judged = judge_images(judge, decode_all(decode, z), confidence_threshold)
+    return {**judged, "temperature": temperature, "seed": seed}
 
 
 @torch.no_grad()
@@ -87,7 +89,14 @@ def sample_quality(
     def decode(z: Tensor) -> Tensor:
         return torch.sigmoid(model.decoder(z))
 
-    drawn = prior_quality(decode, judge, model.cfg.latent_dim, samples=samples, seed=seed)
+    drawn = prior_quality(
+        decode,
+        judge,
+        model.cfg.latent_dim,
+        samples=samples,
+        seed=seed,
+        confidence_threshold=confidence_threshold,
+    )
     recon = []
     for s in range(0, len(test_images), 1000):
         mu, _ = model.encoder(test_images[s : s + 1000])
@@ -96,7 +105,6 @@ def sample_quality(
     real_labels, _ = predict(judge, test_images)
     return {
         **drawn,
-        "confidence_threshold": confidence_threshold,
         "reconstruction_accuracy": float((recon_labels.numpy() == test_labels).mean()),
         "classifier_accuracy": float((real_labels.numpy() == test_labels).mean()),
         "real_digits_inception_score": judge_images(judge, test_images)["inception_score"],

@@ -272,11 +272,11 @@ def prior_card(manifest: dict) -> list[str]:
     for name in ("standard", "learned"):
         if name in priors:
             lines.append(f"- **{name}**: {priors[name]['description']}")
-    rows = [(n, priors[n].get("sample_quality")) for n in ("standard", "learned") if n in priors]
-    learned = priors.get("learned") or {}
-    if learned.get("flow_sample_quality"):
-        rows.append(("(the flow's exact inverse)", learned["flow_sample_quality"]))
-    rows = [(n, q) for n, q in rows if q]
+    rows = [
+        (n, priors[n]["sample_quality"])
+        for n in ("standard", "learned")
+        if (priors.get(n) or {}).get("sample_quality")
+    ]
     if rows:
         first = rows[0][1]
         lines += [

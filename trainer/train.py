@@ -102,9 +102,15 @@ def save_checkpoint(
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "data_rng": generator.get_state(),
     }
+    save_atomically(payload, path)
+
+
+def save_atomically(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file, then renamed into place: an interrupt never leaves a
+    half-written checkpoint."""
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: an interrupt never leaves a half-written checkpoint
+    os.replace(tmp, path)
 
 
 def train(

@@ -15,7 +15,6 @@ iteration or epoch, and resume from it.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from trainer.prior import Flow, FlowConfig, MixtureMap, mixture_log_joint
+from trainer.train import save_atomically
 
 
 @dataclass
@@ -195,9 +195,7 @@ def _save(
         "torch_rng": torch.get_rng_state(),
         "data_rng": generator.get_state(),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_atomically(payload, path)
 
 
 @dataclass
@@ -272,9 +270,7 @@ def fit_mixture(
                 "covariances": covs,
                 "state": asdict(state),
             }
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(payload, tmp)
-            os.replace(tmp, ckpt_path)
+            save_atomically(payload, ckpt_path)
             bar.update(1)
             bar.set_postfix(log_likelihood=f"{state.history[-1]:.3f}")
     except KeyboardInterrupt:

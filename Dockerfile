@@ -29,8 +29,11 @@ WORKDIR /src
 # torch first and from PyTorch's own index: PyPI's torch pulls several GB of CUDA packages
 # even for a CPU image. Its own layer, so that a change to our code does not fetch it again.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# The client package (client/), which the service depends on for its image-array helpers.
+COPY client/ client/
+RUN pip install --no-cache-dir ./client
 # The runtime dependencies, read from pyproject.toml alone (this layer is rebuilt only when it
-# changes); torch==2.13.0 is already satisfied by the build above (2.13.0+cpu or +cu128).
+# changes); torch==2.13.0 and vae-service-client are already satisfied by the installs above.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt

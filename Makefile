@@ -15,14 +15,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The client (client/, its own distribution) in the same pip command as the service, which
+# depends on it.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ./client -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml client/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e ./client -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -32,7 +34,7 @@ serve: install
 	$(BIN)/vae-serve --host $(HOST) --port $(PORT)
 
 test: install-dev
-	$(BIN)/ruff check service trainer tests bench
+	$(BIN)/ruff check service trainer client tests bench
 	$(BIN)/python -m pytest
 
 # docs/explorer.png, the README's picture of the explorer page: the shipped models, served by a
@@ -46,8 +48,8 @@ fuzz: install-dev
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q
 
 lint: install-dev
-	$(BIN)/ruff check service trainer tests bench
-	$(BIN)/ruff format --check service trainer tests bench
+	$(BIN)/ruff check service trainer client tests bench
+	$(BIN)/ruff format --check service trainer client tests bench
 
 # The README's Reliability table: the whole suite (each hardening test records what it tried
 # and saw in tests/output/reliability.md), then the table copied into README.md. Rows of the

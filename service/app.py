@@ -17,16 +17,18 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
-from service import admin, errors, explorer, routes
-from service.admission import AdmissionMiddleware
-from service.auth import ApiKeyGate, document_security
-from service.body_limit import BodyLimitMiddleware
-from service.inference import Inference
-from service.metrics import Metrics, RequestMetricsMiddleware
-from service.reload import Reloader
-from service.runtime import ModelRegistry, load_registry
+from service import errors
+from service.api import admin, explorer, routes
+from service.edge.admission import AdmissionMiddleware
+from service.edge.auth import ApiKeyGate, document_security
+from service.edge.body_limit import BodyLimitMiddleware
+from service.edge.request_metrics import RequestMetricsMiddleware
+from service.metrics import Metrics
+from service.model.inference import Inference
+from service.model.reload import Reloader
+from service.model.runtime import ModelRegistry, load_registry
+from service.model.state import ServiceState
 from service.settings import Settings
-from service.state import ServiceState
 from service.warmup import warm_up_requests
 
 log = logging.getLogger("service.app")
@@ -60,8 +62,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         state.inference = Inference.from_settings(state.metrics, settings)
         if settings.warmup:  # at the merged-batch shape too, so the first requests pay no JIT stall
             await state.inference.warm_up(list(state.registry))
-        state.reloader = Reloader(state)
-        sighup = state.reloader.install_sighup()  # POST /admin/reload works either way
+        reloader = app.state.reloader = Reloader(state)
+        sighup = reloader.install_sighup()  # POST /admin/reload works either way
         state.ready = True
         state.metrics.ready.set(1)
         if settings.warmup:  # the first client request must not pay for first calls (service.warmup)
@@ -84,7 +86,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             # Not ready first, so load balancers stop sending work; then let running calls finish.
             state.ready = False
             state.metrics.ready.set(0)
-            state.reloader.remove_sighup()
+            reloader.remove_sighup()
             await state.inference.aclose()
 
     app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan)
@@ -96,12 +98,12 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     explorer.install(app)  # the page at / and /static
     # add_middleware wraps what is already there: the last added runs first. CORS outermost,
     # so that even a 413 carries the headers a browser needs to read it. The key is checked
-    # before the body limit and before FastAPI reads any body (service.auth); the security
+    # before the body limit and before FastAPI reads any body (service.edge.auth); the security
     # headers go on every answer, the gate's 401 and the limit's 413 included.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyGate, secret=settings.api_key.get_secret_value(), routes=app.routes)
-    if settings.max_concurrent_requests:  # before anything reads a body (service.admission)
+    if settings.max_concurrent_requests:  # before anything reads a body (service.edge.admission)
         app.add_middleware(AdmissionMiddleware, max_concurrent=settings.max_concurrent_requests)
     app.add_middleware(explorer.PageHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)

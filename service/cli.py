@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from service.app import create_app
-    from service.inference import tune_process
-    from service.runtime import NoModelsError, load_registry
+    from service.model.inference import tune_process
+    from service.model.runtime import NoModelsError, load_registry
 
     settings = tune_process(settings)
     try:
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _ignore_sighup_while_loading() -> None:
     """SIGHUP's default action ends the process. Until the server installs its own handler
-    (service.reload once the models are loaded; uvicorn's, with --workers), a SIGHUP is
+    (service.model.reload once the models are loaded; uvicorn's, with --workers), a SIGHUP is
     logged and ignored instead of killing a server that is about to serve."""
     if hasattr(signal, "SIGHUP"):
         signal.signal(
@@ -190,7 +190,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, log_config: dic
     VAE_* variables. The artifacts are verified here first, so that a broken store fails
     once, clearly, rather than in every worker."""
     from service import artifact
-    from service.runtime import selected_models
+    from service.model.runtime import selected_models
 
     usable = []
     for name, version in selected_models(settings):

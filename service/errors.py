@@ -22,6 +22,18 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:vae:problem:"
 
 
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception as `Type: message` on one line. TorchScript errors carry the script's
+    traceback in their message: only its last line (the error itself) is kept."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and any(line.startswith("Traceback of TorchScript") for line in lines):
+        lines = lines[-1:]
+    text = " ".join(lines) or "(no message)"
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return f"{type(exc).__name__}: {text}"
+
+
 class ProblemError(Exception):
     """An error with an HTTP status that the client caused or can act on."""
 
@@ -98,7 +110,7 @@ class NotReady(ProblemError):
 
 
 class ModelFailed(ProblemError):
-    """The model raised, or returned NaN or infinity, on this request's input (service.faults)."""
+    """The model raised, or returned NaN or infinity, on this request's input (service.model.faults)."""
 
     status, slug, title = 500, "model-failed", "Model failed"
 

@@ -1,20 +1,19 @@
 """Prometheus metrics, in a registry of their own per app (several apps in one test
-process must not share counters), and the ASGI middleware that counts requests."""
+process must not share counters). service.edge.request_metrics counts the requests."""
 
 from __future__ import annotations
 
-import time
 from contextvars import ContextVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
-# When the request being handled arrived (time.perf_counter()), set by the middleware below
-# for the task that serves it: service.inference measures VAE_REQUEST_TIMEOUT_S from it, so
-# time spent waiting for a thread to parse the body or in a model's queue counts too.
+# When the request being handled arrived (time.perf_counter()), set by
+# service.edge.request_metrics for the task that serves it: service.model.inference measures
+# VAE_REQUEST_TIMEOUT_S from it, so time spent waiting for a thread to parse the body or in a
+# model's queue counts too.
 REQUEST_STARTED: ContextVar[float | None] = ContextVar("vae_request_started", default=None)
 
 
@@ -57,7 +56,7 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        # Micro-batching (service.batching): how many requests share a pass, how many rows
+        # Micro-batching (service.model.batching): how many requests share a pass, how many rows
         # wait, and how many requests were turned away with 503 because the queue was full.
         self.batch_requests = Histogram(
             "vae_model_batch_requests",
@@ -84,7 +83,7 @@ class Metrics:
             ["model", "op"],
             registry=r,
         )
-        # Faults (service.faults): requests answered 500 model-failed because the model raised
+        # Faults (service.model.faults): requests answered 500 model-failed because the model raised
         # (reason="error") or returned NaN or infinity (reason="non_finite").
         self.model_failures = Counter(
             "vae_model_failures_total",
@@ -101,7 +100,7 @@ class Metrics:
         self.ready = Gauge(
             "vae_ready", "1 once the models are loaded and warmed up, 0 otherwise.", registry=r
         )
-        # Reloads (service.reload): one count per model version tried, so an alert on
+        # Reloads (service.model.reload): one count per model version tried, so an alert on
         # result="refused" fires when a deploy put a broken artifact in the store.
         self.reloads = Counter(
             "vae_model_reloads_total",
@@ -115,38 +114,3 @@ class Metrics:
             ["trigger"],
             registry=r,
         )
-
-
-class RequestMetricsMiddleware:
-    """Counts every request by its route template (/models/{name}, not /models/tiny) so
-    that the number of time series stays bounded whatever paths clients try."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500  # if the app dies before answering, that is what the client gets
-        start = time.perf_counter()
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        # The clock of VAE_REQUEST_TIMEOUT_S starts here, at arrival (service.inference).
-        REQUEST_STARTED.set(start)
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            self.metrics.in_flight.dec()
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "<unmatched>"
-            method = scope.get("method", "")
-            self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         description="Worker threads that run model calls, each pass using torch_threads; with "
         "batching, a second pass runs beside a first only for a full batch (docs/performance.md).",
     )
-    # Micro-batching (service.batching); the defaults are measured in docs/performance.md.
+    # Micro-batching (service.model.batching); the defaults are measured in docs/performance.md.
     batching: bool = Field(
         True, description="Merge concurrent requests for the same model and operation into one forward pass."
     )

@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 from fastapi import FastAPI
 
-from service.batching import needs_warm_up
-from service.images import png_bytes
+from service.api.images import png_bytes
+from service.model.batching import needs_warm_up
 from service.settings import Settings
 
 log = logging.getLogger("service.warmup")

@@ -1,0 +1,1 @@
+"""The API: routes, their schemas, request inputs, responses and the explorer page."""

@@ -1,0 +1,307 @@
+"""The endpoints. Each one reads its inputs (service.api.inputs), runs the model
+(service.model.inference) and shapes the answer (service.api.responses), and does nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import FiniteFloat
+from starlette.responses import Response
+
+from service.api import responses
+from service.api.dependencies import get_state, serving, serving_now
+from service.api.inputs import (
+    QUERY_OPTIONS_OPENAPI,
+    ImageInput,
+    JsonBodyRoute,
+    chosen_format,
+    image_input,
+    latents,
+    query_options,
+)
+from service.api.responses import NPY_MEDIA_TYPE, RAW_MEDIA_TYPE
+from service.api.schemas import (
+    DecodeRequest,
+    DecodeResponse,
+    EncodeResponse,
+    Health,
+    ImageRequest,
+    LatentMapResponse,
+    ModelInfo,
+    ModelsResponse,
+    PriorName,
+    Problem,
+    Ready,
+    ReconstructResponse,
+    SampleRequest,
+    SampleResponse,
+)
+from service.edge.auth import KeyedRoute
+from service.errors import NoLatentMap, TooManyItems, UnknownPrior
+from service.model import latent_map
+from service.model.inference import Inference
+from service.model.latents import MAX_SEED, random_seed
+from service.model.runtime import ModelRegistry, ModelRuntime
+from service.model.state import ServiceState
+
+Serving = Annotated[tuple[ModelRegistry, Inference], Depends(serving)]
+State = Annotated[ServiceState, Depends(get_state)]
+ModelQuery = Annotated[
+    str | None, Query(description="A loaded model's name; overridden by the body's `model`.")
+]
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+# Every answer the Accept header can ask for (service.api.responses.negotiate), so that the
+# document lists each content type a client can get.
+PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"image/png": _BINARY, NPY_MEDIA_TYPE: _BINARY, RAW_MEDIA_TYPE: _BINARY},
+        "description": "JSON as below; with `Accept: image/png` one PNG (a grid for several images); "
+        f"with `Accept: {NPY_MEDIA_TYPE}` a .npy file of the float32 images [B, 28, 28]; with "
+        f"`Accept: {RAW_MEDIA_TYPE}` their uint8 pixels, row-major. The binary answers carry "
+        "X-Shape (and X-Dtype for raw), X-Model and X-Model-Version.",
+    },
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": text}
+    for code, text in {
+        401: "Missing or wrong API key (only when VAE_API_KEY is set).",
+        404: "Unknown model.",
+        413: "Request body over VAE_MAX_BODY_BYTES.",
+        415: "Wrong Content-Type.",
+        422: "Invalid input; `detail` says what is wrong and what is expected.",
+        500: "The model failed on this request's input (it raised, or gave NaN or infinity): type "
+        "`model-failed`; other requests are unaffected and the server's log has the cause.",
+        503: "Not ready (the models are loading or the server is stopping), overloaded (a full queue, "
+        "or VAE_MAX_CONCURRENT_REQUESTS requests at once) or timed out (VAE_REQUEST_TIMEOUT_S); "
+        "the last two with Retry-After.",
+    }.items()
+}
+
+
+def _image_request_body() -> dict[str, Any]:
+    schema = ImageRequest.model_json_schema()
+    examples = {f"example {i + 1}": {"value": value} for i, value in enumerate(schema.pop("examples", []))}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema, "examples": examples},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "images": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "description": "One or more PNG/JPEG files (any field name works).",
+                            },
+                            "model": {"type": "string"},
+                            "invert": {"type": "string", "enum": ["auto", "true", "false"]},
+                            "format": {"type": "string", "enum": ["png", "array"]},
+                        },
+                        "required": ["images"],
+                    }
+                },
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
+
+
+IMAGE_REQUEST_BODY = _image_request_body()
+
+
+class ApiRoute(KeyedRoute, JsonBodyRoute):
+    """The model and model-info endpoints: they need the API key (when one is set), and those
+    with a JSON body model take only JSON (415 otherwise)."""
+
+
+api = APIRouter(route_class=ApiRoute, responses=ERRORS)
+probes = APIRouter(tags=["operations"])
+
+
+@api.post(
+    "/encode",
+    response_model=EncodeResponse,
+    tags=["model"],
+    openapi_extra=IMAGE_REQUEST_BODY,
+    summary="Images -> posterior mean, standard deviation and KL",
+)
+async def encode(request: Request, inputs: Annotated[ImageInput, Depends(image_input)]) -> Response:
+    registry, inference, _ = serving_now(request)
+    model = registry.get(inputs.model)
+    mu, sigma = await inference.encode(model, inputs.pixels)
+    return responses.encoding(model, mu, sigma)
+
+
+@api.post(
+    "/reconstruct",
+    response_model=ReconstructResponse,
+    tags=["model"],
+    openapi_extra=IMAGE_REQUEST_BODY,
+    responses=PNG_RESPONSE,
+    summary="Images -> decode(mu), with mu and sigma",
+)
+async def reconstruct(request: Request, inputs: Annotated[ImageInput, Depends(image_input)]) -> Response:
+    registry, inference, _ = serving_now(request)
+    model = registry.get(inputs.model)
+    mu, sigma = await inference.encode(model, inputs.pixels)
+    x = await inference.decode(model, mu)
+    return await responses.reconstruction(request, model, x, mu, sigma, inputs.format)
+
+
+@api.post(
+    "/decode",
+    response_model=DecodeResponse,
+    tags=["model"],
+    responses=PNG_RESPONSE,
+    openapi_extra=QUERY_OPTIONS_OPENAPI,
+    summary="Latent vectors -> images",
+)
+async def decode(request: Request, body: DecodeRequest) -> Response:
+    registry, inference, state = serving_now(request)
+    model, format = query_options(request)
+    runtime = registry.get(body.model or model)
+    z = latents(body.z, runtime.latent_dim, runtime.name, state.settings)
+    x = await inference.decode(runtime, z)
+    fmt = chosen_format(body, format)
+    return await responses.decoded(request, runtime, x, fmt)
+
+
+@api.post(
+    "/sample",
+    response_model=SampleResponse,
+    tags=["model"],
+    responses=PNG_RESPONSE,
+    openapi_extra=QUERY_OPTIONS_OPENAPI,
+    summary="Draw images: noise u ~ N(0, I) through a prior to latents z, decoded",
+)
+async def sample(request: Request, body: SampleRequest) -> Response:
+    registry, inference, state = serving_now(request)
+    model, format = query_options(request)
+    runtime = registry.get(body.model or model)
+    _check_samples(body.n, state)
+    prior = _chosen_prior(runtime, body.prior)
+    seed = random_seed() if body.seed is None else body.seed
+    u, z, x = await inference.sample(runtime, body.n, seed, body.temperature, prior)
+    fmt = chosen_format(body, format)
+    return await responses.samples(
+        request, runtime, x, u, z, seed, body.temperature, prior, fmt, body.return_latents
+    )
+
+
+@api.get(
+    "/sample.png",
+    tags=["model"],
+    response_class=Response,
+    summary="A grid of samples as one PNG",
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "A PNG grid; headers X-Seed and X-Prior hold the seed and prior used.",
+        }
+    },
+)
+async def sample_png(
+    serving: Serving,
+    state: State,
+    n: Annotated[int, Query(ge=1, description="How many images.")] = 16,
+    seed: Annotated[int | None, Query(ge=0, le=MAX_SEED, description="Random when left out.")] = None,
+    temperature: Annotated[FiniteFloat, Query(gt=0.0, le=100.0)] = 1.0,
+    prior: Annotated[
+        PriorName | None,
+        Query(description="`learned` or `standard`, as in POST /sample; the model's default when left out."),
+    ] = None,
+    model: ModelQuery = None,
+) -> Response:
+    registry, inference = serving
+    runtime = registry.get(model)
+    _check_samples(n, state)
+    chosen = _chosen_prior(runtime, prior)
+    seed = random_seed() if seed is None else seed
+    _, _, x = await inference.sample(runtime, n, seed, temperature, chosen)
+    return await responses.png_response(x, responses.sample_headers(seed, chosen))
+
+
+def _check_samples(n: int, state: ServiceState) -> None:
+    limit = state.settings.max_samples
+    if n > limit:
+        raise TooManyItems(f"n is {n}; at most {limit} samples are drawn per request (VAE_MAX_SAMPLES)")
+
+
+def _chosen_prior(runtime: ModelRuntime, prior: str | None) -> str:
+    if prior is None:
+        return runtime.default_prior
+    if prior not in runtime.priors:
+        raise UnknownPrior(
+            f"model {runtime.name!r} ({runtime.version}) has no {prior!r} prior; its priors: "
+            f"{', '.join(runtime.priors)} (GET /models/{runtime.name} lists them)",
+            priors=list(runtime.priors),
+        )
+    return prior
+
+
+@api.get("/models", response_model=ModelsResponse, tags=["models"], summary="The loaded models")
+async def list_models(serving: Serving) -> dict[str, Any]:
+    registry, _ = serving
+    return {
+        "default": registry.default,
+        "models": [responses.model_info(m, registry.default) for m in registry],
+    }
+
+
+@api.get("/models/{name}", response_model=ModelInfo, tags=["models"], summary="One loaded model")
+async def get_model(name: str, serving: Serving) -> dict[str, Any]:
+    registry, _ = serving
+    return responses.model_info(registry.get(name), registry.default)
+
+
+@api.get(
+    "/models/{name}/latent-map",
+    response_model=LatentMapResponse,
+    tags=["models"],
+    summary="Posterior means of test digits by class, from the model's report",
+    responses={404: {"model": Problem, "description": "Unknown model, or one whose artifact has no map."}},
+)
+async def get_latent_map(name: str, serving: Serving) -> Response:
+    registry, _ = serving
+    model = registry.get(name)
+    found = latent_map.of(model)
+    if found is None:
+        raise NoLatentMap(
+            f"model {name!r} has no latent map (its artifact carries no report/latent_map.json); "
+            "GET /models shows which models have one"
+        )
+    # Serialised once when the model loaded: the same bytes for every request.
+    return Response(found.body, media_type="application/json")
+
+
+@api.get(
+    "/metrics",
+    tags=["operations"],
+    response_class=Response,
+    summary="Prometheus metrics",
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@probes.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@probes.get(
+    "/readyz",
+    response_model=Ready,
+    summary="Readiness: models loaded and warmed up",
+    responses={503: {"model": Problem, "description": "Starting or stopping."}},
+)
+async def readyz(serving: Serving) -> dict[str, Any]:
+    registry, _ = serving
+    return {"status": "ready", "models": [m.name for m in registry]}

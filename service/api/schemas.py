@@ -1,0 +1,399 @@
+"""Request and response bodies, with the examples /docs shows.
+
+Limits that an operator can change (how many images, how large n) are checked against
+Settings where the request is handled, not here; these schemas hold what never changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
+
+from service.model.latent_map import LatentMapData
+from service.model.latents import MAX_SEED
+
+# A 28x28 PNG of a "1", light on black, as the examples' image.
+EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAJ0lEQVR42mNgGGSAEZX7H0WECZ9OukiiumcQOIg2kmj"
+    "eHBAHDToAANj1AyQAcZmsAAAAAElFTkSuQmCC"
+)
+
+Invert = Literal["auto"] | bool
+ImageFormat = Literal["png", "array"]
+PriorName = Literal["learned", "standard"]
+Images = list[str] | list[list[list[float]]]
+
+MODEL_FIELD = Field(
+    None,
+    description="A loaded model's name (GET /models); the default model when left out. "
+    "The `model` query parameter does the same.",
+    examples=["mnist"],
+)
+PRIOR_FIELD = Field(
+    None,
+    description="Where the noise u ~ N(0, temperature^2 I) goes. `standard`: z = u, the textbook "
+    "N(0, I) prior; draws that land between the regions where real digits' codes lie decode to "
+    "shapes between digits. `learned`: z = prior(u), the model's learned map from noise to where "
+    "the codes of real digits lie (the aggregate posterior), so draws avoid those holes. Left out: "
+    "the model's default, `learned` where it has one (GET /models/{name} lists its priors).",
+)
+FORMAT_FIELD = Field(
+    "png",
+    description="How images come back: `png`, base64-encoded PNG files, or `array`, "
+    "floats in [0, 1] shaped [B][28][28]. With `Accept: image/png` the response is one PNG "
+    "instead (a grid when there are several images).",
+)
+
+
+class _Request(BaseModel):
+    # A misspelt field ("seeds", "image") is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageRequest(_Request):
+    """Images for /encode and /reconstruct: `images` or `pixels`, not both."""
+
+    images: list[str] | None = Field(
+        None,
+        description="PNG or JPEG files, base64-encoded (a data: URL also "
+        "works). Any size, colour mode or polarity: each is fitted into 28x28 "
+        "the way MNIST digits were (docs/service.md).",
+    )
+    pixels: list[list[list[FiniteFloat]]] | None = Field(
+        None,
+        description="Images already in the model's "
+        "format: [B][28][28] floats in [0, 1], light digit on "
+        "black. Used as they are.",
+    )
+    model: str | None = MODEL_FIELD
+    invert: Invert = Field(
+        "auto",
+        description="`auto` inverts images whose ink is darker than their "
+        "background (MNIST digits are light on black); true or false forces it.",
+    )
+    format: ImageFormat = FORMAT_FIELD
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": [EXAMPLE_PNG]},
+                {"images": [EXAMPLE_PNG], "model": "mnist", "invert": "auto", "format": "array"},
+                {"pixels": [[[0.0] * 28] * 28]},
+            ]
+        },
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageRequest:
+        if (self.images is None) == (self.pixels is None):
+            raise ValueError(
+                "send exactly one of `images` (base64 PNG/JPEG files) or `pixels` ([B][28][28] floats)"
+            )
+        if not (self.images or self.pixels):
+            raise ValueError("the list of images is empty; send at least one")
+        return self
+
+
+class DecodeRequest(_Request):
+    z: list[list[FiniteFloat]] = Field(
+        min_length=1, description="Latent vectors, one row of latent_dim numbers per image."
+    )
+    model: str | None = MODEL_FIELD
+    format: ImageFormat = FORMAT_FIELD
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"z": [[0.0] * 32]},
+                {"z": [[0.5, -1.0], [1.5, 0.2]], "model": "mnist-2d", "format": "array"},
+            ]
+        },
+    )
+
+
+class SampleRequest(_Request):
+    n: int = Field(ge=1, description="How many images to draw; at most VAE_MAX_SAMPLES (1024 by default).")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="The same seed gives the same latents and "
+        "images on every call. Left out, the server picks one and returns it.",
+    )
+    temperature: FiniteFloat = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="Scales the noise: u ~ N(0, temperature^2 I), which is z itself under the "
+        "standard prior. Below 1 gives cleaner, less varied digits.",
+    )
+    prior: PriorName | None = PRIOR_FIELD
+    return_latents: bool = Field(
+        False, description="Also return the latent vectors z and the noise u they were made from."
+    )
+    model: str | None = MODEL_FIELD
+    format: ImageFormat = FORMAT_FIELD
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"n": 16, "seed": 1},
+                {"n": 4, "seed": 7, "temperature": 0.8, "return_latents": True, "format": "array"},
+                {"n": 16, "seed": 3, "prior": "standard"},
+            ]
+        },
+    )
+
+
+class EncodeResponse(BaseModel):
+    model: str
+    version: str
+    latent_dim: int
+    mu: list[list[float]] = Field(description="Posterior means, [B][latent_dim].")
+    sigma: list[list[float]] = Field(description="Posterior standard deviations, [B][latent_dim].")
+    kl: list[float] = Field(description="Each image's KL(q(z|x) || N(0, I)), in nats.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "mnist-2d",
+                    "version": "v1",
+                    "latent_dim": 2,
+                    "mu": [[0.31, -1.2]],
+                    "sigma": [[0.05, 0.07]],
+                    "kl": [5.43],
+                },
+            ]
+        }
+    )
+
+
+class DecodeResponse(BaseModel):
+    model: str
+    version: str
+    format: ImageFormat
+    images: Images = Field(description="Base64 PNGs, or [B][28][28] floats with format=array.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "mnist", "version": "v1", "format": "png", "images": [EXAMPLE_PNG]},
+            ]
+        }
+    )
+
+
+class SampleResponse(BaseModel):
+    model: str
+    version: str
+    format: ImageFormat
+    seed: int = Field(description="The seed used: send it back to get the same images.")
+    temperature: float
+    prior: PriorName = Field(description="The prior the draws went through.")
+    images: Images
+    z: list[list[float]] | None = Field(None, description="The latents, when return_latents was true.")
+    u: list[list[float]] | None = Field(
+        None,
+        description="The noise z was made from, when return_latents was true "
+        "(equal to z under the standard prior).",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "mnist",
+                    "version": "v1",
+                    "format": "png",
+                    "seed": 1,
+                    "temperature": 1.0,
+                    "prior": "learned",
+                    "images": [EXAMPLE_PNG],
+                },
+            ]
+        }
+    )
+
+
+class ReconstructResponse(BaseModel):
+    model: str
+    version: str
+    format: ImageFormat
+    images: Images = Field(description="decode(mu) for each input image.")
+    mu: list[list[float]]
+    sigma: list[list[float]]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "mnist-2d",
+                    "version": "v1",
+                    "format": "png",
+                    "images": [EXAMPLE_PNG],
+                    "mu": [[0.31, -1.2]],
+                    "sigma": [[0.05, 0.07]],
+                },
+            ]
+        }
+    )
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    latent_dim: int
+    device: str
+    default: bool = Field(description="Whether requests that name no model go to this one.")
+    likelihood: str | None = None
+    dataset: str | None = Field(None, description="The name of the dataset it was trained on.")
+    created_at: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict, description="The manifest's evaluation metrics.")
+    latent_map: bool = Field(
+        False, description="Whether GET /models/{name}/latent-map has this model's map of test digits."
+    )
+    priors: list[PriorName] = Field(
+        default_factory=lambda: ["standard"],
+        description="The priors /sample can draw through: `standard` always, `learned` where the "
+        "model has a learned map from noise to latents.",
+    )
+    default_prior: PriorName = Field(
+        "standard", description="The prior /sample uses when a request names none."
+    )
+    prior_metrics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Per prior, what the manifest records of it: how it was made, and the digit "
+        "classifier's verdict on its draws.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "mnist",
+                    "version": "v1",
+                    "latent_dim": 32,
+                    "device": "cpu",
+                    "default": True,
+                    "likelihood": "bernoulli",
+                    "dataset": "mnist",
+                    "created_at": "2026-01-01T00:00:00Z",
+                    "metrics": {"test_elbo_nats": -80.1},
+                    "priors": ["standard", "learned"],
+                    "default_prior": "learned",
+                },
+            ]
+        }
+    )
+
+
+class ModelsResponse(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class LatentMapResponse(LatentMapData):
+    model: str
+    version: str
+    latent_dim: int
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "mnist-2d",
+                    "version": "v1",
+                    "latent_dim": 2,
+                    "description": "posterior means of test digits",
+                    "projection": None,
+                    "class_names": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+                    "points": [[0.41, -1.3, 7], [-0.2, 0.93, 2]],
+                },
+            ]
+        }
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    models: list[str]
+
+
+class ReloadedModel(BaseModel):
+    model: str
+    previous: str | None = Field(description="The version served before; null for a model new to the store.")
+    version: str = Field(description="The version served from now on.")
+
+
+class RefusedModel(BaseModel):
+    model: str
+    version: str = Field(description="The version that was refused.")
+    serving: str | None = Field(description="The version that keeps serving; null if none was served.")
+    reason: str = Field(description="Why, in one line: the file and the check that failed.")
+
+
+class ReloadReport(BaseModel):
+    """What a reload changed. Sent with 200 when every new version was loaded; when one was
+    refused, the same members come inside a 409 problem (urn:vae:problem:reload-refused)."""
+
+    trigger: Literal["api", "sighup"]
+    loaded: list[ReloadedModel] = Field(description="Models now served at a new version.")
+    refused: list[RefusedModel] = Field(description="New versions that failed their checks.")
+    serving: dict[str, str] = Field(description="Every served model and its version, after the reload.")
+    default: str
+    seconds: float
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "trigger": "api",
+                    "loaded": [{"model": "mnist", "previous": "v1", "version": "v2"}],
+                    "refused": [],
+                    "serving": {"mnist": "v2", "mnist-2d": "v1"},
+                    "default": "mnist",
+                    "seconds": 0.42,
+                }
+            ]
+        }
+    )
+
+
+class ProblemItem(BaseModel):
+    loc: str
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, served as application/problem+json."""
+
+    type: str = Field(description="What kind of problem: urn:vae:problem:<kind>, or about:blank.")
+    title: str
+    status: int
+    detail: str = Field(description="What was wrong and what was expected instead.")
+    instance: str | None = Field(None, description="The request path.")
+    errors: list[ProblemItem] | None = Field(None, description="For invalid requests: each problem found.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "urn:vae:problem:invalid-latents",
+                    "title": "Invalid latent vectors",
+                    "status": 422,
+                    "detail": "z has rows of 2 numbers; model 'mnist' expects latent_dim 32",
+                    "instance": "/decode",
+                },
+            ]
+        }
+    )

@@ -1,0 +1,1 @@
+"""The model runtime: artifacts loaded onto a device, requests merged into passes, reloads."""

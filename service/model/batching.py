@@ -1,0 +1,458 @@
+"""Dynamic micro-batching: concurrent calls of one operation on one model share a forward pass.
+
+A forward pass of 32 latents costs little more than one of a single latent, while every
+request would otherwise pay a whole pass (and a trip to the worker thread) for itself. So
+each (model, op) pair gets a Batcher: requests put their validated arrays in its queue and
+await a future; whenever an inference thread is free, the Batcher takes up to `max_size`
+rows from the queue (waiting at most `max_wait` after the oldest one arrived for more to
+come), runs them through the model in one call on that thread, and hands every request its
+own rows back.
+
+- **Exact results** (`exact`, the default). CPU kernels compute a row differently, in the
+  last bits, depending on how many rows share the call (matrix-vector below 2 rows,
+  different blocking and thread splits above; measured in docs/performance.md). Left alone,
+  the same seed would give images that differ by ~1e-7 depending on which requests it was
+  batched with. In exact mode every forward pass has the same shape, `max_size` rows: the
+  batch is padded with zero rows and larger ones run as several passes. A row's output then
+  depends on that row alone, so batched, unbatched and repeated requests agree bit for bit.
+  The same fixed shape also keeps TorchScript from re-optimising its graph for every new
+  batch size, which costs a stall of tens of milliseconds to seconds each time.
+- **Failure isolation.** Inputs are validated before they are queued. If the merged pass
+  still raises (a model bug, out of memory), each request of the batch is retried on its
+  own, so only the requests whose rows fail get the error.
+- **Bounded queue.** At most `queue_max` rows wait per (model, op); a request that would
+  exceed it is refused at once with 503 and `Retry-After`, rather than waiting behind an
+  ever longer queue (a client that retries elsewhere or later does better than one whose
+  request times out).
+- **Deadlines.** A request that gives up (VAE_REQUEST_TIMEOUT_S, service.model.inference) takes
+  its rows out of the queue; if they are already in a pass, that pass finishes and its
+  result is dropped, and a large request's remaining passes are not run.
+- **Reload.** Batchers are found by the runtime object itself, weakly: a replaced model
+  version keeps its batcher while requests that already hold it are in flight (their rows
+  are served by that version), and both are freed once the last one has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from service.artifact import LEARNED_PRIOR
+from service.errors import ProblemError, one_line
+from service.metrics import Metrics
+from service.model import faults
+from service.model.runtime import ModelRuntime, TorchScriptRuntime
+
+log = logging.getLogger("service.model.batching")
+
+# "sample" is the learned prior's draw: noise u -> (z = prior(u), decode(z)) in one pass. (The
+# standard prior's draw, z = temperature * u, is computed per request and decoded by "decode".)
+Op = Literal["encode", "decode", "sample"]
+Outputs = tuple[np.ndarray, ...]  # encode: (mu, sigma); decode: (images,); sample: (z, images)
+Result = Outputs | BaseException  # one request's share of a pass, or what went wrong with it
+
+
+class Overloaded(ProblemError):
+    """The model's queue is full: answered 503 with Retry-After."""
+
+    status, slug, title = 503, "overloaded", "Server overloaded"
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How requests are merged (Settings: VAE_BATCH_*, VAE_QUEUE_MAX)."""
+
+    max_size: int = 32  # rows per forward pass
+    max_wait: float = 0.0  # seconds to wait for more rows once a thread is free
+    queue_max: int = 2048  # rows waiting per (model, op) before 503
+    exact: bool = True  # every pass exactly max_size rows (padded): results independent of batching
+
+
+def forward(model: ModelRuntime, op: Op, x: np.ndarray) -> Outputs:
+    if op == "encode":
+        return model.encode(x)
+    if op == "sample":
+        z = model.prior(x)
+        return z, model.decode(z)
+    return (model.decode(x),)
+
+
+class Abandoned(Exception):
+    """Every request of a batch gave up (VAE_REQUEST_TIMEOUT_S) before its passes were done."""
+
+
+def forward_rows(
+    model: ModelRuntime,
+    op: Op,
+    x: np.ndarray,
+    policy: BatchPolicy,
+    abandoned: Callable[[], bool] | None = None,
+) -> Outputs:
+    """The model on x, in passes of at most max_size rows; in exact mode every pass has
+    exactly max_size rows (the last one padded with zeros, its padding dropped). Raises
+    Abandoned between passes once `abandoned()` says nobody waits for the result: a pass
+    cannot be interrupted, but the passes left of a large request need not run for nobody."""
+    size = policy.max_size
+    if len(x) <= size and not policy.exact:
+        return forward(model, op, x)
+    parts: list[Outputs] = []
+    for start in range(0, len(x), size):
+        if abandoned is not None and abandoned():
+            raise Abandoned
+        chunk = x[start : start + size]
+        rows = len(chunk)
+        if policy.exact and rows < size:
+            padded = np.zeros((size, *x.shape[1:]), dtype=x.dtype)
+            padded[:rows] = chunk
+            chunk = padded
+        parts.append(tuple(out[:rows] for out in forward(model, op, chunk)))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(np.concatenate(outs) for outs in zip(*parts, strict=True))
+
+
+@dataclass(eq=False)  # compared by identity: the queue removes the very item that timed out
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future[Outputs]
+    queued_at: float
+
+
+class Batcher:
+    """One (model, op)'s queue and the task that drains it. Created on first use."""
+
+    def __init__(
+        self,
+        model: ModelRuntime,
+        op: Op,
+        policy: BatchPolicy,
+        executor: Executor,
+        slots: asyncio.Semaphore,
+        metrics: Metrics,
+        warmed: weakref.WeakSet[ModelRuntime] | None = None,
+    ) -> None:
+        # Weak: a model replaced by a reload must be freed once its last request is served;
+        # queued requests hold it strongly until then.
+        self._model = weakref.ref(model)
+        self.name = model.name
+        self.op = op
+        self.policy = policy
+        self._executor = executor
+        self._slots = slots  # one per inference thread, shared by every Batcher of the pool
+        self._warmed = warmed  # models already run at the batch shape (None: do not warm up here)
+        self._queue: deque[_Item] = deque()
+        self.queued_rows = 0
+        self._drainer: asyncio.Task[None] | None = None
+        self._full: asyncio.Future[None] | None = None  # resolved when max_size rows are queued
+        self._wake: asyncio.Future[None] | None = None  # resolved when a pass ends or the batch fills
+        self._running: set[asyncio.Task[None]] = set()
+        # Labelled children looked up once: .labels() takes a lock and a dict lookup per call.
+        self._m_batch_rows = metrics.batch_size.labels(model.name, op)
+        self._m_batch_requests = metrics.batch_requests.labels(model.name, op)
+        self._m_queue_wait = metrics.queue_wait.labels(model.name, op)
+        self._m_inference = metrics.inference.labels(model.name, op)
+        self._m_queued = metrics.queued_rows.labels(model.name, op)
+        self._m_rejected = metrics.rejected.labels(model.name, op)
+        self._metrics = metrics  # for service.model.faults, which counts failures by reason
+
+    async def submit(self, x: np.ndarray) -> Outputs:
+        rows = len(x)
+        limit = self.policy.queue_max
+        # An empty queue takes any request, so that one larger than the limit still runs.
+        if self.queued_rows and self.queued_rows + rows > limit:
+            self._m_rejected.inc()
+            raise Overloaded(
+                f"model {self.name!r} has {self.queued_rows} rows queued for {self.op} and takes at most "
+                f"{limit} (VAE_QUEUE_MAX); retry in a moment or spread the load over more replicas",
+                headers={"Retry-After": "1"},
+            )
+        loop = asyncio.get_running_loop()
+        item = _Item(x, loop.create_future(), time.perf_counter())
+        self._queue.append(item)
+        self.queued_rows += rows
+        self._m_queued.set(self.queued_rows)
+        if self.queued_rows >= self.policy.max_size:
+            _resolve(self._full)
+            _resolve(self._wake)
+        if self._drainer is None:
+            self._drainer = loop.create_task(self._drain(), name=f"batcher {self.name} {self.op}")
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # The request gave up (VAE_REQUEST_TIMEOUT_S, or its task was cancelled): rows
+            # still queued leave the queue now, so that they neither run for nobody nor hold
+            # queue room that other requests are refused for. Rows already in a pass finish
+            # there and are discarded.
+            self._forget(item)
+            raise
+
+    def _forget(self, item: _Item) -> None:
+        try:
+            self._queue.remove(item)
+        except ValueError:  # already taken into a pass
+            return
+        self.queued_rows -= len(item.x)
+        self._m_queued.set(self.queued_rows)
+
+    async def _drain(self) -> None:
+        """Forms batches while requests are queued, then ends (the next submit starts a new one)."""
+        try:
+            while self._queue:
+                if self._running and self.queued_rows < self.policy.max_size:
+                    # A pass of this model and op is running: a partial batch waits for it to
+                    # end (growing meanwhile), and only a full one starts beside it on another
+                    # inference thread. Parallel passes of a few rows each would take the
+                    # cores the event loop needs (W1 -10 % with 2 threads, docs/performance.md).
+                    self._wake = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._wake
+                    finally:
+                        self._wake = None
+                    continue
+                await self._slots.acquire()
+                try:
+                    await self._gather_more()
+                    batch = self._take()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if not batch:
+                    self._slots.release()
+                    continue
+                self._start(batch)
+        finally:
+            self._drainer = None
+
+    def _start(self, batch: list[_Item]) -> None:
+        """Hands the batch to an inference thread now, and delivers its results in a task.
+        Submitted here rather than by that task, whose first step would wait in the event
+        loop's queue behind every answer already being built (W1: ~2 ms of an idle thread
+        per pass, docs/performance.md)."""
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = loop.run_in_executor(self._executor, self._run_batch, batch)
+        except BaseException as exc:  # the executor is shut down: nobody may hang
+            self._slots.release()
+            _fail(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        task = loop.create_task(self._deliver(batch, outputs))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _gather_more(self) -> None:
+        """Waits up to max_wait after the oldest queued request for the batch to fill up."""
+        if self.policy.max_wait <= 0 or self.queued_rows >= self.policy.max_size or not self._queue:
+            return
+        remaining = self._queue[0].queued_at + self.policy.max_wait - time.perf_counter()
+        if remaining <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._full = loop.create_future()
+        timer = loop.call_later(remaining, _resolve, self._full)
+        try:
+            await self._full
+        finally:
+            timer.cancel()
+            self._full = None
+
+    def _take(self) -> list[_Item]:
+        """Up to max_size rows from the front of the queue; at least one request, however large."""
+        batch: list[_Item] = []
+        rows = 0
+        while self._queue:
+            item = self._queue[0]
+            if batch and rows + len(item.x) > self.policy.max_size:
+                break
+            self._queue.popleft()
+            self.queued_rows -= len(item.x)
+            if item.future.done():  # the client went away (cancelled) while it waited
+                continue
+            batch.append(item)
+            rows += len(item.x)
+        self._m_queued.set(self.queued_rows)
+        return batch
+
+    async def _deliver(self, batch: list[_Item], outputs: asyncio.Future[list[Result]]) -> None:
+        try:
+            results = await outputs
+        except BaseException as exc:  # the executor itself failed (shut down): nobody may hang
+            self._pass_ended()
+            _fail(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        # The thread is free again before these answers are built: the drainer's wake-up
+        # goes into the event loop's queue ahead of the requests', so the next pass starts
+        # while the loop answers this one's requests.
+        self._pass_ended()
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _pass_ended(self) -> None:
+        self._slots.release()
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.discard(task)  # before waking the drainer, which looks at _running
+        _resolve(self._wake)
+
+    def _run_batch(self, batch: list[_Item]) -> list[Result]:
+        """On the inference thread: one merged pass, split back per request."""
+        started = time.perf_counter()
+        for item in batch:
+            self._m_queue_wait.observe(started - item.queued_at)
+        model = self._model()
+        if model is None:  # cannot happen while requests hold it; said plainly if it ever does
+            error = RuntimeError(f"model {self.name} was unloaded while requests for it were queued")
+            return [error] * len(batch)
+        if self._warmed is not None and model not in self._warmed and needs_warm_up(model):
+            # A model that did not go through Inference.warm_up (loaded by a reload): its
+            # first batch pays the warm-up, once, rather than every new shape a stall.
+            self._warmed.add(model)
+            warm_up_rows(model, self.policy)
+        x = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
+        self._m_batch_rows.observe(len(x))
+        self._m_batch_requests.observe(len(batch))
+        try:
+            outputs = forward_rows(model, self.op, x, self.policy, lambda: _all_done(batch))
+        except Abandoned:
+            return [asyncio.CancelledError()] * len(batch)  # not delivered: every future is done
+        except Exception as exc:
+            if len(batch) == 1:
+                return [faults.failed(model, self.op, len(x), exc, self._metrics)]
+            log.warning(
+                "model %s: a merged %s pass of %d requests (%d rows) failed (%s); "
+                "retrying each request on its own so that only the failing ones get the error",
+                self.name,
+                self.op,
+                len(batch),
+                len(x),
+                one_line(exc),
+            )
+            return [self._alone(model, item) for item in batch]
+        finally:
+            self._m_inference.observe(time.perf_counter() - started)
+        # NaN or infinity is looked for per request, after the split: a request whose rows
+        # are all finite gets its answer whatever the others' rows held (service.model.faults).
+        parts = _split(outputs, [len(item.x) for item in batch])
+        return [self._finite(model, part) for part in parts]
+
+    def _finite(self, model: ModelRuntime, outputs: Result) -> Result:
+        if isinstance(outputs, BaseException):
+            return outputs
+        return faults.non_finite(model, self.op, outputs, self._metrics) or outputs
+
+    def _alone(self, model: ModelRuntime, item: _Item) -> Result:
+        try:
+            outputs = forward_rows(model, self.op, item.x, self.policy, item.future.done)
+        except Abandoned as exc:  # its future is done: nothing is delivered, nothing failed
+            return exc
+        except Exception as exc:
+            return faults.failed(model, self.op, len(item.x), exc, self._metrics)
+        return self._finite(model, outputs)
+
+    async def drained(self) -> None:
+        """Returns once nothing is queued or running here."""
+        while self._queue or self._running or self._drainer is not None:
+            pending = [*self._running, *([self._drainer] if self._drainer else [])]
+            if pending:
+                await asyncio.wait(pending)
+            else:
+                await asyncio.sleep(0.001)
+
+
+def _all_done(batch: list[_Item]) -> bool:
+    # Read on the inference thread: done() only reads the future's state, and a stale answer
+    # costs at most one more pass.
+    return all(item.future.done() for item in batch)
+
+
+def _fail(batch: list[_Item], exc: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+def _split(outputs: Outputs, sizes: Sequence[int]) -> list[Result]:
+    if len(sizes) == 1:
+        return [outputs]
+    bounds = np.cumsum(sizes)[:-1]
+    per_output = [np.split(out, bounds) for out in outputs]
+    return [tuple(parts) for parts in zip(*per_output, strict=True)]
+
+
+class Batchers:
+    """The Batchers of one inference pool, by (runtime, op); runtimes are held weakly."""
+
+    def __init__(self, policy: BatchPolicy, executor: Executor, threads: int, metrics: Metrics) -> None:
+        self.policy = policy
+        self._executor = executor
+        self._metrics = metrics
+        self._threads = threads
+        self._slots: asyncio.Semaphore | None = None  # made on the event loop, at first use
+        self.warmed: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()
+        self._by_model: weakref.WeakKeyDictionary[ModelRuntime, dict[Op, Batcher]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self, model: ModelRuntime, op: Op) -> Batcher:
+        ops = self._by_model.get(model)
+        if ops is None:
+            ops = self._by_model[model] = {}
+        batcher = ops.get(op)
+        if batcher is None:
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self._threads)
+            batcher = ops[op] = Batcher(
+                model, op, self.policy, self._executor, self._slots, self._metrics, self.warmed
+            )
+        return batcher
+
+    def all(self) -> list[Batcher]:
+        return [b for ops in list(self._by_model.values()) for b in ops.values()]
+
+    async def drained(self) -> None:
+        for batcher in self.all():
+            await batcher.drained()
+
+
+def needs_warm_up(model: ModelRuntime) -> bool:
+    """TorchScript optimises per input shape on first use; other runtimes (test doubles) need
+    no warm-up."""
+    return isinstance(model, TorchScriptRuntime)
+
+
+def warm_up_rows(model: ModelRuntime, policy: BatchPolicy, runs: int = 3) -> float:
+    """Runs every op at the shape exact mode uses, a few times: TorchScript's profiling
+    executor optimises a graph for a shape only after it has run it, and that first
+    optimisation (tens of ms here, much more on a loaded machine) must not land on a
+    client's request. Returns the seconds it took."""
+    started = time.perf_counter()
+    x = np.zeros((policy.max_size, 28, 28), np.float32)
+    learned = LEARNED_PRIOR in model.priors
+    for _ in range(runs):
+        mu, _sigma = forward_rows(model, "encode", x, policy)
+        forward_rows(model, "decode", mu, policy)
+        if learned:
+            forward_rows(model, "sample", mu, policy)
+    return time.perf_counter() - started

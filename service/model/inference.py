@@ -1,0 +1,190 @@
+"""Runs model calls off the event loop, on a fixed pool of worker threads, and times them.
+
+The event loop only parses requests and writes responses; every forward pass runs on one
+of `inference_threads` threads (VAE_INFERENCE_THREADS), each using up to `torch_threads`
+cores inside torch. With batching on (the default), concurrent calls for the same model
+and operation are merged into one forward pass first (service.model.batching); with it off,
+each call is its own pass. Either way a burst of requests cannot start more forward
+passes than there are threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from service.artifact import STANDARD_PRIOR
+from service.errors import RequestTimedOut
+from service.metrics import REQUEST_STARTED, Metrics
+from service.model import faults
+from service.model.batching import Batchers, BatchPolicy, needs_warm_up, warm_up_rows
+from service.model.latents import draw_latents
+from service.model.runtime import ModelRuntime
+from service.settings import Settings
+
+T = TypeVar("T")
+log = logging.getLogger("service.model.inference")
+
+# How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms).
+# Each torch call of a forward pass gives the GIL up and must take it back; with the event
+# loop busy, every take-back waited up to 5 ms and a 4 ms pass took 8 to 17 ms. At 0.1 ms,
+# W1 served ~30 % more requests per second (docs/performance.md).
+GIL_SWITCH_INTERVAL = 0.0001
+
+
+def tune_process(settings: Settings) -> Settings:
+    """Process-wide tuning for a serving process, applied by vae-serve (an app embedded in
+    another process keeps that process's choices): the GIL switch interval above, and, when
+    VAE_TORCH_THREADS is 0, the cores but one (torch's default is one thread per core)
+    shared among the inference threads, at least one each: the event loop keeps a core to
+    itself instead of fighting the forward passes' threads for it (W1 on 2 cores: ~12 % more
+    requests per second with 1 torch thread than with 2)."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    if settings.torch_threads == 0:
+        per_pass = max(1, (torch.get_num_threads() - 1) // settings.inference_threads)
+        settings = settings.model_copy(update={"torch_threads": per_pass})
+    return settings
+
+
+class Inference:
+    def __init__(
+        self,
+        metrics: Metrics,
+        threads: int = 1,
+        batching: BatchPolicy | None = None,
+        timeout: float = 0.0,
+    ) -> None:
+        self.metrics = metrics
+        self.timeout = timeout  # VAE_REQUEST_TIMEOUT_S; 0: none
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vae-inference")
+        self.batching = batching
+        self._batchers = Batchers(batching, self._pool, threads, metrics) if batching else None
+
+    @classmethod
+    def from_settings(cls, metrics: Metrics, settings: Settings) -> Inference:
+        policy = (
+            BatchPolicy(
+                max_size=settings.batch_max_size,
+                max_wait=settings.batch_max_wait_ms / 1000.0,
+                queue_max=settings.queue_max,
+                exact=settings.batch_exact,
+            )
+            if settings.batching
+            else None
+        )
+        return cls(metrics, settings.inference_threads, policy, settings.request_timeout_s)
+
+    async def _limited(self, model: ModelRuntime, op: str, work: Awaitable[T]) -> T:
+        """`work`, or 503 `timeout` once the request is VAE_REQUEST_TIMEOUT_S old (counted from
+        its arrival, so the time it queued counts). Cancelling `work` drops its queued rows
+        (service.model.batching) or its not yet started executor job; a running pass finishes and
+        its result is discarded."""
+        if self.timeout <= 0:
+            return await work
+        started = REQUEST_STARTED.get()
+        remaining = self.timeout if started is None else self.timeout - (time.perf_counter() - started)
+        limit = asyncio.timeout(remaining)
+        try:
+            async with limit:
+                return await work
+        except TimeoutError:
+            if not limit.expired():  # raised by the work itself, not by the deadline
+                raise
+            self.metrics.timeouts.labels(model.name, op).inc()
+            raise RequestTimedOut(
+                f"model {model.name!r} had not computed this request's {op} {self.timeout:g} s after it "
+                "arrived (VAE_REQUEST_TIMEOUT_S), so its queued work was dropped: the server is "
+                "overloaded or the model is slow. Retry in a moment or on another replica",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    async def _run(self, model: ModelRuntime, op: str, batch: int, call: Callable[[], T]) -> T:
+        queued = time.perf_counter()
+
+        def timed() -> T:
+            started = time.perf_counter()
+            self.metrics.queue_wait.labels(model.name, op).observe(started - queued)
+            try:
+                result = call()
+            except Exception as exc:  # the model failed: this request alone gets 500 model-failed
+                raise faults.failed(model, op, batch, exc, self.metrics) from exc
+            finally:
+                self.metrics.inference.labels(model.name, op).observe(time.perf_counter() - started)
+            failure = faults.non_finite(model, op, result, self.metrics)  # type: ignore[arg-type]
+            if failure is not None:
+                raise failure
+            return result
+
+        self.metrics.batch_size.labels(model.name, op).observe(batch)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, timed)
+
+    async def encode(self, model: ModelRuntime, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._batchers is not None:
+            mu, sigma = await self._limited(model, "encode", self._batchers.get(model, "encode").submit(x))
+            return mu, sigma
+        return await self._limited(
+            model, "encode", self._run(model, "encode", len(x), lambda: model.encode(x))
+        )
+
+    async def decode(self, model: ModelRuntime, z: np.ndarray) -> np.ndarray:
+        if self._batchers is not None:
+            (images,) = await self._limited(model, "decode", self._batchers.get(model, "decode").submit(z))
+            return images
+        return await self._limited(
+            model, "decode", self._run(model, "decode", len(z), lambda: model.decode(z))
+        )
+
+    async def sample(
+        self, model: ModelRuntime, n: int, seed: int, temperature: float, prior: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(u, z, images) for n draws with this seed: noise u ~ N(0, temperature^2 I), then
+        z = u under the standard prior, z = model.prior(u) under the learned one."""
+        # Drawn here, per request, with the request's own generator (a few µs for small n):
+        # the noise never depends on what else is in the batch.
+        u = draw_latents(n, model.latent_dim, seed, temperature)
+        if prior == STANDARD_PRIOR:
+            return u, u, await self.decode(model, u)
+        if self._batchers is not None:
+            z, images = await self._limited(model, "sample", self._batchers.get(model, "sample").submit(u))
+            return u, z, images
+
+        def call() -> tuple[np.ndarray, np.ndarray]:
+            z = model.prior(u)
+            return z, model.decode(z)
+
+        z, images = await self._limited(model, "sample", self._run(model, "sample", n, call))
+        return u, z, images
+
+    async def warm_up(self, models: list[ModelRuntime]) -> None:
+        """Runs each model at the batch shape before it serves (see batching.warm_up_rows),
+        at startup and for a reload's new versions. Raises what the model raises."""
+        if self._batchers is None or self.batching is None:
+            return
+        loop = asyncio.get_running_loop()
+        for model in filter(needs_warm_up, models):
+            seconds = await loop.run_in_executor(self._pool, warm_up_rows, model, self.batching)
+            self._batchers.warmed.add(model)
+            log.info(
+                "model %s %s warmed up at the batch shape (%d rows) in %.2f s",
+                model.name,
+                model.version,
+                self.batching.max_size,
+                seconds,
+            )
+
+    async def aclose(self) -> None:
+        """Lets queued and running calls finish, then stops the threads."""
+        if self._batchers is not None:
+            await self._batchers.drained()
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

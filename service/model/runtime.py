@@ -1,0 +1,284 @@
+"""The models the service runs: a small interface, its TorchScript implementation, and the
+registry of what was loaded at startup.
+
+Routes never touch torch; they hand numpy arrays to a ModelRuntime (through
+service.model.inference, which moves the call off the event loop). Anything with the same
+methods can stand in: a test double, or a micro-batching layer that merges concurrent
+requests before calling the real model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from service import artifact
+from service.errors import UnknownModel, one_line
+from service.model import latent_map
+from service.settings import Settings
+
+log = logging.getLogger("service.model.runtime")
+
+
+@runtime_checkable
+class ModelRuntime(Protocol):
+    """One loaded model. encode/decode take and return numpy float32 arrays and are called
+    from worker threads, possibly several at once."""
+
+    name: str
+    version: str
+    latent_dim: int
+    device: str
+    manifest: dict[str, Any]
+    priors: tuple[str, ...]  # "standard" first; "learned" when the model has prior()
+    default_prior: str
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x [B, 28, 28] in [0, 1] -> (mu, sigma), each [B, latent_dim]."""
+        ...
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """z [B, latent_dim] -> Bernoulli means [B, 28, 28] in [0, 1]."""
+        ...
+
+    def prior(self, u: np.ndarray) -> np.ndarray:
+        """The learned prior's map: noise u [B, latent_dim] -> latents z [B, latent_dim].
+        Only called when "learned" is among `priors`."""
+        ...
+
+
+class TorchScriptRuntime:
+    """A TorchScript artifact on one device."""
+
+    def __init__(self, model: torch.jit.ScriptModule, art: artifact.Artifact, device: torch.device) -> None:
+        self.model = model
+        self.artifact = art
+        self.name = art.name
+        self.version = art.version
+        self.latent_dim = art.latent_dim
+        self.device = str(device)
+        self.manifest = art.manifest
+        self.priors = art.priors
+        self.default_prior = art.default_prior
+        # The report's latent map (for the explorer page): read and checked once, here at load.
+        self.latent_map = latent_map.read(art)
+        self._device = device
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> TorchScriptRuntime:
+        model, art = artifact.load(path, device)
+        scripted_dim = getattr(model, "latent_dim", art.latent_dim)
+        if int(scripted_dim) != art.latent_dim:
+            raise artifact.ArtifactError(
+                f"{path}: manifest says latent_dim {art.latent_dim}, "
+                f"the TorchScript model says {scripted_dim}"
+            )
+        return cls(model, art, device)
+
+    # As few torch calls as possible around the model, shapes changed in numpy: every torch
+    # call from Python lets go of the GIL and must take it back, and on a busy server each
+    # take-back can wait a whole GIL switch interval (docs/performance.md).
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            mu, sigma = self.model.encode(self._input(x[:, None]))
+            # mu and sigma are usually views into one tensor: copy them out contiguous for orjson
+            return _to_numpy(mu), _to_numpy(sigma)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return _to_numpy(self.model.decode(self._input(z)))[:, 0]
+
+    def prior(self, u: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return _to_numpy(self.model.prior(self._input(u)))
+
+    def _input(self, array: np.ndarray) -> torch.Tensor:
+        """A request's array as the model's float32 input, on its device (no copy on the CPU
+        when it already is contiguous float32)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        return tensor if self._device.type == "cpu" else tensor.to(self._device)
+
+    def warm_up(self) -> float:
+        """Runs both methods once (the first TorchScript call compiles and allocates) and
+        checks the shapes the contract promises. Returns the seconds it took."""
+        start = time.perf_counter()
+        mu, sigma = self.encode(np.zeros((2, 28, 28), np.float32))
+        images = self.decode(mu)
+        if mu.shape != (2, self.latent_dim) or sigma.shape != mu.shape or images.shape != (2, 28, 28):
+            raise artifact.ArtifactError(
+                f"{self.artifact.path}: the model returned mu {list(mu.shape)}, sigma {list(sigma.shape)}, "
+                f"images {list(images.shape)}; expected [2, {self.latent_dim}] twice and [2, 28, 28]"
+            )
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all() and np.isfinite(images).all()):
+            raise artifact.ArtifactError(
+                f"{self.artifact.path}: the model returns NaN or infinity on a blank image"
+            )
+        if artifact.LEARNED_PRIOR in self.priors:
+            z = self.prior(np.zeros((2, self.latent_dim), np.float32))
+            if z.shape != (2, self.latent_dim) or not np.isfinite(z).all():
+                raise artifact.ArtifactError(
+                    f"{self.artifact.path}: prior(u) returned {list(z.shape)} "
+                    f"{'values' if np.isfinite(z).all() else 'with NaN or infinity'} for u = 0; "
+                    f"expected finite [2, {self.latent_dim}]"
+                )
+        return time.perf_counter() - start
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad:
+        return np.ascontiguousarray(t.numpy())  # no torch call: see TorchScriptRuntime.encode
+    return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+
+@dataclass(frozen=True)
+class ModelRegistry:
+    """The loaded models by name, and the one used when a request names none."""
+
+    models: dict[str, ModelRuntime]
+    default: str
+
+    def __post_init__(self) -> None:
+        if self.default not in self.models:
+            raise ValueError(f"default model {self.default!r} is not among {sorted(self.models)}")
+
+    def get(self, name: str | None = None) -> ModelRuntime:
+        if name is None or name == "":
+            return self.models[self.default]
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModel(
+                f"no model named {name!r} is loaded; loaded models: "
+                f"{', '.join(sorted(self.models))} (GET /models lists them)"
+            ) from None
+
+    def __iter__(self) -> Iterator[ModelRuntime]:
+        return iter(self.models.values())
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+
+class NoModelsError(RuntimeError):
+    """Nothing could be loaded, so there is nothing to serve."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must be usable here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NoModelsError(
+            f"device {name!r} was asked for, but this torch build sees no CUDA GPU "
+            f"(torch {torch.__version__}); use --device cpu or auto"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise NoModelsError(
+            f"device {name!r} was asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise NoModelsError(f"device {name!r} was asked for, but MPS is not available here; use cpu or auto")
+    return device
+
+
+def selected_models(settings: Settings) -> list[tuple[str, str | None]]:
+    """(name, pinned version or None) for every model to load."""
+    return settings.model_specs() or [(name, None) for name in artifact.list_models(settings.model_store)]
+
+
+class ModelRefused(RuntimeError):
+    """An artifact that verified but cannot be served: its model crashed or misbehaved on its
+    warm-up run. The message says how, in one line."""
+
+
+def load_model(path: Path, device: torch.device, warm_up: bool = True) -> tuple[ModelRuntime, float]:
+    """Loads, verifies and (optionally) warms up one artifact; returns it and the warm-up's
+    seconds. The one place a runtime is built, at startup (load_registry) and on reload
+    (service.model.reload), so anything that wraps runtimes belongs here to apply to both.
+    Raises ArtifactError (missing, tampered, wrong shapes) or ModelRefused (crashed)."""
+    try:
+        runtime = TorchScriptRuntime.load(path, device)
+    except artifact.ArtifactError:
+        raise
+    except Exception as exc:  # one unloadable model must not take the others (or the server) down
+        raise ModelRefused(f"{path}: it could not be loaded ({one_line(exc)})") from exc
+    if not warm_up:
+        return runtime, 0.0
+    try:
+        return runtime, runtime.warm_up()
+    except artifact.ArtifactError:
+        raise
+    except Exception as exc:  # a model that crashes on warm-up must not take the others down
+        # The path and one line, as for the artifact checks: the operator reads which
+        # artifact failed and how, not the TorchScript interpreter's traceback.
+        raise ModelRefused(f"{path}: it failed its warm-up run ({one_line(exc)})") from exc
+
+
+def load_registry(settings: Settings) -> ModelRegistry:
+    """Loads, verifies and warms every selected model. A model that fails is logged in one
+    line and skipped; NoModelsError when none is left."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    store = settings.model_store
+    specs = selected_models(settings)
+    if not specs:
+        reason = (
+            "the directory does not exist"
+            if not store.is_dir()
+            else "it holds no <name>/<version>/ artifacts"
+        )
+        raise NoModelsError(
+            f"no models to serve in {store}: {reason}; train one (make model) "
+            "or point VAE_MODEL_STORE / --model-store at a store"
+        )
+    models: dict[str, ModelRuntime] = {}
+    for name, version in specs:
+        try:
+            path = artifact.resolve(store, name, version)
+            runtime, seconds = load_model(path, device, warm_up=settings.warmup)
+        except (artifact.ArtifactError, ModelRefused) as exc:
+            log.error("refusing model %s%s: %s", name, f" {version}" if version else "", exc)
+            continue
+        models[name] = runtime
+        log.info(
+            "loaded model %s %s from %s: latent_dim %d on %s, warm-up %.2f s",
+            name,
+            runtime.version,
+            path,
+            runtime.latent_dim,
+            runtime.device,
+            seconds,
+        )
+    if not models:
+        raise NoModelsError(
+            f"none of the {len(specs)} model(s) in {store} could be loaded "
+            "(each refusal is logged above); nothing to serve"
+        )
+    default = settings.default_model
+    if default not in models:
+        fallback = next(iter(models))
+        # Asked for explicitly (or in the store but refused): worth a warning. The built-in
+        # default simply absent from the store: the first model serving is expected.
+        level = (
+            logging.WARNING
+            if "default_model" in settings.model_fields_set or default in dict(specs)
+            else logging.INFO
+        )
+        log.log(
+            level, "default model %r is not loaded; requests that name no model go to %r", default, fallback
+        )
+        default = fallback
+    return ModelRegistry(models, default)

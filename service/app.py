@@ -13,14 +13,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from service import errors
-from service.api import admin, explorer, routes
+from service.api import admin, explorer, openapi, routes
 from service.edge.admission import AdmissionMiddleware
-from service.edge.auth import ApiKeyGate, document_security
+from service.edge.auth import ApiKeyGate
 from service.edge.body_limit import BodyLimitMiddleware
 from service.edge.request_metrics import RequestMetricsMiddleware
 from service.metrics import Metrics
@@ -89,7 +88,13 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             reloader.remove_sighup()
             await state.inference.aclose()
 
-    app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title=TITLE,
+        version=VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
+    )
     app.state.vae = state
     errors.install(app)
     app.include_router(routes.api)
@@ -116,25 +121,12 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             expose_headers=["X-Seed", "X-Prior"],
         )
 
-    def openapi() -> dict[str, Any]:
+    def openapi_document() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=TITLE, version=VERSION, description=DESCRIPTION, routes=app.routes)
-            app.openapi_schema = document_security(_problem_json_errors(schema))
+            app.openapi_schema = openapi.document(
+                app.routes, settings, title=TITLE, version=VERSION, description=DESCRIPTION
+            )
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi_document  # type: ignore[method-assign]
     return app
-
-
-def _problem_json_errors(schema: dict[str, Any]) -> dict[str, Any]:
-    """Documents every error response as what it is: application/problem+json, one schema."""
-    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    for path_item in schema.get("paths", {}).values():
-        for operation in path_item.values():
-            for code, response in operation.get("responses", {}).items():
-                if str(code).isdigit() and int(code) >= 400:
-                    response["content"] = problem
-    components = schema.get("components", {}).get("schemas", {})
-    for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's default 422 shape, which we replace
-        components.pop(unused, None)
-    return schema

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import Query, Request
@@ -28,6 +28,7 @@ from starlette.responses import Response
 from service.api import images
 from service.api.schemas import DecodeRequest, ImageFormat, ImageRequest, SampleRequest
 from service.errors import ImageTooLarge, InvalidLatents, InvalidRequest, TooManyItems, UnsupportedMediaType
+from service.model.latents import MAX_ABS_LATENT
 from service.settings import Settings
 
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg")
@@ -37,10 +38,6 @@ INLINE_BODY_BYTES = 16 * 1024
 INLINE_PIXELS = 64 * 64
 ACCEPTED_FOR_IMAGES = "application/json, multipart/form-data, image/png or image/jpeg"
 T = TypeVar("T")
-# Latents beyond this are refused (422): nothing a decoder learned lives there, and near
-# float32's limit (~3e38) the first layer overflows and the model returns NaN, which would
-# otherwise be a 500 model-failed for what is really bad input (service.model.faults).
-MAX_ABS_LATENT = 1e6
 
 
 @dataclass(frozen=True)
@@ -129,18 +126,17 @@ def chosen_format(
     return body.format if "format" in body.model_fields_set else (query_format or "png")
 
 
+INVERT_WORDS: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
+
+
 def parse_invert(value: str | bool | None) -> bool | None:
-    """'auto' -> None (decide per image); true/false (or 1/0, yes/no) force it."""
+    """'auto' -> None (decide per image); 'true'/'false' force it. Exactly these words, as the
+    document's enum says: a query or form field that reads otherwise is refused."""
     if value is None or isinstance(value, bool):
         return value
-    text = value.strip().lower()
-    if text == "auto":
-        return None
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise InvalidRequest(f"invert is {value!r}; expected auto, true or false")
+    if value not in INVERT_WORDS:
+        raise InvalidRequest(f"invert is {value!r}; expected auto, true or false")
+    return INVERT_WORDS[value]
 
 
 def _parse_json(body: bytes) -> Any:
@@ -233,6 +229,8 @@ async def _from_multipart(
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             uploads.append((f"upload {len(uploads)} ({value.filename or key})", await value.read()))
+        elif key == "images":
+            uploads.append((f"upload {len(uploads)} (images)", _nameless_file(value)))
         else:
             fields[key] = value
     if not uploads:
@@ -243,12 +241,25 @@ async def _from_multipart(
     return uploads, fields
 
 
+def _nameless_file(value: str) -> bytes:
+    """The bytes of an `images` part sent without a filename (RFC 7578 makes it optional),
+    which Starlette hands over as text: decoded as UTF-8 when the bytes are valid UTF-8, else
+    as Latin-1. A PNG or JPEG never is valid UTF-8 (their first byte cannot start a character),
+    so Latin-1 gives its bytes back exactly; text that is no image fails to decode as one."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
+
+
 async def image_input(
     request: Request,
     model: Annotated[
         str | None, Query(description="A loaded model's name; the default when left out.")
     ] = None,
-    invert: Annotated[str | None, Query(description="auto, true or false; see the `invert` field.")] = None,
+    invert: Annotated[
+        Literal["auto", "true", "false"] | None, Query(description="See the `invert` field.")
+    ] = None,
     format: Annotated[ImageFormat | None, Query(description="png or array; see the `format` field.")] = None,
 ) -> ImageInput:
     """The images of an /encode or /reconstruct request, fitted and stacked, float32 [B, 28, 28]."""

@@ -91,11 +91,13 @@ def _image_request_body() -> dict[str, Any]:
                 "application/json": {"schema": schema, "examples": examples},
                 "multipart/form-data": {
                     "schema": {
+                        "title": "ImageUpload",
                         "type": "object",
                         "properties": {
                             "images": {
                                 "type": "array",
                                 "items": {"type": "string", "format": "binary"},
+                                "minItems": 1,
                                 "description": "One or more PNG/JPEG files (any field name works).",
                             },
                             "model": {"type": "string"},
@@ -103,7 +105,8 @@ def _image_request_body() -> dict[str, Any]:
                             "format": {"type": "string", "enum": ["png", "array"]},
                         },
                         "required": ["images"],
-                    }
+                    },
+                    "encoding": {"images": {"contentType": "image/png, image/jpeg"}},
                 },
                 "image/png": {"schema": {"type": "string", "format": "binary"}},
                 "image/jpeg": {"schema": {"type": "string", "format": "binary"}},

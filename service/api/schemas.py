@@ -6,12 +6,12 @@ Settings where the request is handled, not here; these schemas hold what never c
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, StrictBool, model_validator
 
 from service.model.latent_map import LatentMapData
-from service.model.latents import MAX_SEED
+from service.model.latents import MAX_ABS_LATENT, MAX_SEED
 
 # A 28x28 PNG of a "1", light on black, as the examples' image.
 EXAMPLE_PNG = (
@@ -19,7 +19,22 @@ EXAMPLE_PNG = (
     "eHBAHDToAANj1AyQAcZmsAAAAAElFTkSuQmCC"
 )
 
-Invert = Literal["auto"] | bool
+SIDE = 28  # every image is SIDE x SIDE pixels
+# The string format of an uploaded image: what no JSON Schema keyword can say, that the string
+# decodes to a PNG or JPEG with a visible digit. tests/schemathesis_hooks.py generates them.
+IMAGE_FORMAT = "image-base64"
+
+
+def _whole(value: Any) -> Any:
+    """JSON Schema's integer: 4 and 4.0 both are one (true is not, nor "4")."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_whole)]
+# Strict: the document says boolean, so 0, 1 and "true" are refused rather than read as one.
+Invert = Literal["auto"] | StrictBool
 ImageFormat = Literal["png", "array"]
 PriorName = Literal["learned", "standard"]
 Images = list[str] | list[list[list[float]]]
@@ -47,8 +62,30 @@ FORMAT_FIELD = Field(
 
 
 class _Request(BaseModel):
-    # A misspelt field ("seeds", "image") is an error, not silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # A misspelt field ("seeds", "image") is an error, not silently ignored; and strict types:
+    # the document says integer, number or boolean, so "4", true for n or 1 for a boolean are
+    # refused rather than converted (an integer for a number field is still a number).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _exactly_one_image_source(schema: dict[str, Any]) -> None:
+    """The document's ImageRequest says what the server checks (check_pixels, _one_source):
+    `images` or `pixels`, one of them, a non-empty list, never null; pixels [B][28][28] in [0, 1]."""
+    props = schema["properties"]
+    for name in ("images", "pixels"):
+        nullable = props[name].pop("anyOf")
+        props[name].update(next(branch for branch in nullable if branch.get("type") == "array"), minItems=1)
+    # A PNG or JPEG file in base64, or a data: URL of one (IMAGE_FORMAT).
+    props["images"]["items"].update(format=IMAGE_FORMAT, contentEncoding="base64")
+    pixel = {"type": "number", "minimum": 0.0, "maximum": 1.0}
+    row = {"type": "array", "items": pixel, "minItems": SIDE, "maxItems": SIDE}
+    props["pixels"]["items"] = {"type": "array", "items": row, "minItems": SIDE, "maxItems": SIDE}
+    schema["oneOf"] = [{"required": ["images"]}, {"required": ["pixels"]}]
+
+
+def _latent_rows(schema: dict[str, Any]) -> None:
+    """What service.api.inputs.latents checks of every number: within ±MAX_ABS_LATENT."""
+    schema["properties"]["z"]["items"]["items"].update(minimum=-MAX_ABS_LATENT, maximum=MAX_ABS_LATENT)
 
 
 class ImageRequest(_Request):
@@ -76,14 +113,29 @@ class ImageRequest(_Request):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"images": [EXAMPLE_PNG]},
-                {"images": [EXAMPLE_PNG], "model": "mnist", "invert": "auto", "format": "array"},
-                {"pixels": [[[0.0] * 28] * 28]},
-            ]
-        },
+        json_schema_extra=lambda schema: (
+            _exactly_one_image_source(schema)
+            or schema.update(
+                examples=[
+                    {"images": [EXAMPLE_PNG]},
+                    {"images": [EXAMPLE_PNG], "model": "mnist", "invert": "auto", "format": "array"},
+                    {"pixels": [[[0.0] * 28] * 28]},
+                ]
+            )
+        ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_source(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = [name for name in ("images", "pixels") if name in data and data[name] is None]
+            if nulls:
+                raise ValueError(
+                    f"`{nulls[0]}` is null; leave it out, and send exactly one of `images` "
+                    "(base64 PNG/JPEG files) or `pixels` ([B][28][28] floats)"
+                )
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageRequest:
@@ -97,29 +149,34 @@ class ImageRequest(_Request):
 
 
 class DecodeRequest(_Request):
-    z: list[list[FiniteFloat]] = Field(
-        min_length=1, description="Latent vectors, one row of latent_dim numbers per image."
+    z: list[Annotated[list[FiniteFloat], Field(min_length=1)]] = Field(
+        min_length=1,
+        description="Latent vectors, one row of latent_dim numbers per image.",
+        examples=[[[0.0] * 32]],  # for the default model, mnist (latent_dim 32)
     )
     model: str | None = MODEL_FIELD
     format: ImageFormat = FORMAT_FIELD
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"z": [[0.0] * 32]},
-                {"z": [[0.5, -1.0], [1.5, 0.2]], "model": "mnist-2d", "format": "array"},
-            ]
-        },
+        json_schema_extra=lambda schema: (
+            _latent_rows(schema)
+            or schema.update(
+                examples=[
+                    {"z": [[0.0] * 32]},
+                    {"z": [[0.5, -1.0], [1.5, 0.2]], "model": "mnist-2d", "format": "array"},
+                ]
+            )
+        ),
     )
 
 
 class SampleRequest(_Request):
-    n: int = Field(ge=1, description="How many images to draw; at most VAE_MAX_SAMPLES (1024 by default).")
-    seed: int | None = Field(
+    n: Integer = Field(ge=1, description="How many images to draw; at most VAE_MAX_SAMPLES (1024 by default)")
+    # The bounds inside the union and before the validator, so that the document puts them on
+    # the integer as minimum and maximum.
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_whole)] | None = Field(
         None,
-        ge=0,
-        le=MAX_SEED,
         description="The same seed gives the same latents and "
         "images on every call. Left out, the server picks one and returns it.",
     )
@@ -131,7 +188,7 @@ class SampleRequest(_Request):
         "standard prior. Below 1 gives cleaner, less varied digits.",
     )
     prior: PriorName | None = PRIOR_FIELD
-    return_latents: bool = Field(
+    return_latents: StrictBool = Field(
         False, description="Also return the latent vectors z and the noise u they were made from."
     )
     model: str | None = MODEL_FIELD

@@ -4,11 +4,11 @@ Checked once, by ApiKeyGate, a middleware in front of the app: before FastAPI re
 parses a body (a keyless client must not make the server parse 8 MiB of JSON on /decode and
 get a 422 that shows it did). The routes that need the key are the KeyedRoute ones (the
 `api` and `admin` routers' route class), which also puts the requirement in the OpenAPI
-document, so /docs shows the schemes and its Authorize button works. The open endpoints
-(/healthz, /readyz, /docs, /redoc, /openapi.json, and the explorer page's files at / and
-/static) are plain routes. The gate reads the app's own routes, so the two cannot disagree:
-a route is open exactly when it is not a KeyedRoute, and any other path (an unknown one
-included) is closed.
+document when a key is set (service.api.openapi), so /docs shows the schemes and its
+Authorize button works. The open endpoints (/healthz, /readyz, /docs, /redoc,
+/openapi.json, and the explorer page's files at / and /static) are plain routes. The gate
+reads the app's own routes, so the two cannot disagree: a route is open exactly when it is
+not a KeyedRoute, and any other path (an unknown one included) is closed.
 
 Why not a `Security` dependency on every guarded route, FastAPI's usual way: FastAPI solves
 dependencies on every request, and the key's three (the check and its two schemes) were
@@ -51,12 +51,6 @@ class KeyedRoute(APIRoute):
         extra = dict(kwargs.pop("openapi_extra", None) or {})
         extra.setdefault("security", SECURITY_REQUIREMENT)
         super().__init__(path, endpoint, openapi_extra=extra, **kwargs)
-
-
-def document_security(schema: dict[str, Any]) -> dict[str, Any]:
-    """Declares the schemes that KeyedRoute operations refer to in the OpenAPI document."""
-    schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
-    return schema
 
 
 def _matches(given: str | None, expected: str) -> bool:

@@ -8,7 +8,13 @@ import secrets
 import numpy as np
 import torch
 
-MAX_SEED = 2**63 - 1
+# The largest integer every JSON client holds exactly (JavaScript's Number.MAX_SAFE_INTEGER):
+# a seed the document allows is one any client can send and read back unchanged.
+MAX_SEED = 2**53 - 1
+# Latents beyond this are refused (422): nothing a decoder learned lives there, and near
+# float32's limit (~3e38) the first layer overflows and the model returns NaN, which would
+# otherwise be a 500 model-failed for what is really bad input (service.model.faults).
+MAX_ABS_LATENT = 1e6
 RANDOM_SEED_BITS = 31  # chosen seeds stay small enough for any JSON client to hold exactly
 
 

@@ -387,8 +387,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
         "/encode?invert=maybe",
         {"json": {"images": [b64(GOOD_PNG)]}},
         422,
-        "invalid-request",
-        r"invert is 'maybe'; expected auto, true or false",
+        "validation-error",
+        r"invert: Input should be 'auto', 'true' or 'false'",
     ),
     # content types
     (

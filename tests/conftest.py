@@ -1,4 +1,6 @@
-"""Shared fixtures. Tests never touch the network; real MNIST is used when ../shared has it."""
+"""Shared fixtures. Tests stay on loopback, except two that install packages as a user would
+(tests/client: the client alone from PyPI, the TypeScript tools from npm; each skips, saying
+so, where its registry is unreachable). Real MNIST is used when ../shared has it."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ serve: install
 
 test: install-dev
 	$(BIN)/ruff check service trainer client tests bench
+	cd client && ../$(BIN)/mypy --strict vae_client
 	$(BIN)/python -m pytest
 
 # docs/explorer.png, the README's picture of the explorer page: the shipped models, served by a
@@ -50,6 +51,7 @@ fuzz: install-dev
 lint: install-dev
 	$(BIN)/ruff check service trainer client tests bench
 	$(BIN)/ruff format --check service trainer client tests bench
+	cd client && ../$(BIN)/mypy --strict vae_client
 
 # The README's Reliability table: the whole suite (each hardening test records what it tried
 # and saw in tests/output/reliability.md), then the table copied into README.md. Rows of the

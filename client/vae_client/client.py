@@ -191,7 +191,8 @@ def _npy_images(response: httpx.Response) -> np.ndarray:
             f"asked for {NPY} and the server answered {response.headers.get('content-type')!r}; "
             "is it an older version? Use binary=False"
         )
-    return np.load(io.BytesIO(response.content), allow_pickle=False).astype(np.float32, copy=False)
+    array: np.ndarray = np.load(io.BytesIO(response.content), allow_pickle=False)
+    return array.astype(np.float32, copy=False)
 
 
 def _npy_samples(response: httpx.Response, temperature: float) -> Samples:
@@ -351,11 +352,13 @@ class VAEClient:
 
     def models(self) -> list[dict[str, Any]]:
         """The models served: name, version, latent_dim, priors, metrics (GET /models)."""
-        return self._request("GET", "/models")["models"]
+        listing: list[dict[str, Any]] = self._request("GET", "/models")["models"]
+        return listing
 
     def model(self, name: str) -> dict[str, Any]:
         """One served model's description (GET /models/{name})."""
-        return self._request("GET", f"/models/{name}")
+        info: dict[str, Any] = self._request("GET", f"/models/{name}")
+        return info
 
     def ready(self) -> bool:
         """Whether the server is up with its models loaded (GET /readyz); never raises."""
@@ -445,11 +448,13 @@ class AsyncVAEClient:
 
     async def models(self) -> list[dict[str, Any]]:
         """The models served: name, version, latent_dim, priors, metrics (GET /models)."""
-        return (await self._request("GET", "/models"))["models"]
+        listing: list[dict[str, Any]] = (await self._request("GET", "/models"))["models"]
+        return listing
 
     async def model(self, name: str) -> dict[str, Any]:
         """One served model's description (GET /models/{name})."""
-        return await self._request("GET", f"/models/{name}")
+        info: dict[str, Any] = await self._request("GET", f"/models/{name}")
+        return info
 
     async def ready(self) -> bool:
         """Whether the server is up with its models loaded (GET /readyz); never raises."""

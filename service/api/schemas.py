@@ -68,9 +68,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _exactly_one_image_source(schema: dict[str, Any]) -> None:
+def _image_request_schema(schema: dict[str, Any]) -> None:
     """The document's ImageRequest says what the server checks (check_pixels, _one_source):
     `images` or `pixels`, one of them, a non-empty list, never null; pixels [B][28][28] in [0, 1]."""
+    schema["examples"] = [
+        {"images": [EXAMPLE_PNG]},
+        {"images": [EXAMPLE_PNG], "model": "mnist", "invert": "auto", "format": "array"},
+        {"pixels": [[[0.0] * SIDE] * SIDE]},
+    ]
     props = schema["properties"]
     for name in ("images", "pixels"):
         nullable = props[name].pop("anyOf")
@@ -86,8 +91,12 @@ def _exactly_one_image_source(schema: dict[str, Any]) -> None:
     schema["oneOf"] = [{"required": ["images"]}, {"required": ["pixels"]}]
 
 
-def _latent_rows(schema: dict[str, Any]) -> None:
-    """What service.api.inputs.latents checks of every number: within ±MAX_ABS_LATENT."""
+def _decode_request_schema(schema: dict[str, Any]) -> None:
+    """Examples, and what service.api.inputs.latents checks of every number: within ±MAX_ABS_LATENT."""
+    schema["examples"] = [
+        {"z": [[0.0] * 32]},
+        {"z": [[0.5, -1.0], [1.5, 0.2]], "model": "mnist-2d", "format": "array"},
+    ]
     schema["properties"]["z"]["items"]["items"].update(minimum=-MAX_ABS_LATENT, maximum=MAX_ABS_LATENT)
 
 
@@ -116,16 +125,7 @@ class ImageRequest(_Request):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra=lambda schema: (
-            _exactly_one_image_source(schema)
-            or schema.update(
-                examples=[
-                    {"images": [EXAMPLE_PNG]},
-                    {"images": [EXAMPLE_PNG], "model": "mnist", "invert": "auto", "format": "array"},
-                    {"pixels": [[[0.0] * 28] * 28]},
-                ]
-            )
-        ),
+        json_schema_extra=_image_request_schema,
     )
 
     @model_validator(mode="before")
@@ -162,15 +162,7 @@ class DecodeRequest(_Request):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra=lambda schema: (
-            _latent_rows(schema)
-            or schema.update(
-                examples=[
-                    {"z": [[0.0] * 32]},
-                    {"z": [[0.5, -1.0], [1.5, 0.2]], "model": "mnist-2d", "format": "array"},
-                ]
-            )
-        ),
+        json_schema_extra=_decode_request_schema,
     )
 
 

@@ -243,3 +243,23 @@ def test_cli_reports_server_errors_in_one_line(cli: CliRunner, tmp_path: Path) -
     assert result.stderr.startswith("error: 422 Invalid image: ") and "only PNG and JPEG" in result.stderr
     assert cli.invoke(client_cli.app, ["decode", "[[1, 2]]", "-o", str(tmp_path / "x.png")]).exit_code == 1
     assert cli.invoke(client_cli.app, ["decode", "not json"]).exit_code == 2
+
+
+def test_every_public_name_of_the_client_says_what_it_does() -> None:
+    import inspect
+
+    import vae_client
+
+    missing = []
+    for name in vae_client.__all__:
+        obj = getattr(vae_client, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue  # DEFAULT_URL
+        if not inspect.getdoc(obj):
+            missing.append(name)
+        members = vars(obj).items() if inspect.isclass(obj) else ()
+        for attr, member in members:
+            documented = callable(member) or isinstance(member, property)
+            if not attr.startswith("_") and documented and not inspect.getdoc(member):
+                missing.append(f"{name}.{attr}")
+    assert not missing, f"public names without a docstring: {missing}"

@@ -7,6 +7,7 @@ index cannot be reached the test skips and says so."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -27,8 +28,11 @@ def test_the_client_installs_alone_and_its_command_works(tiny_store: Path, tmp_p
     env_dir = tmp_path / "client-only"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", str(ROOT / "client")],
+    source = shutil.copytree(
+        ROOT / "client", tmp_path / "client", ignore=shutil.ignore_patterns("*.egg-info")
+    )
+    installed = subprocess.run(  # from a copy: a build writes into the folder it builds
+        [str(python), "-m", "pip", "install", "--quiet", str(source)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -50,7 +54,7 @@ def test_the_client_installs_alone_and_its_command_works(tiny_store: Path, tmp_p
         check=True,
     ).stdout.strip()
     assert (Path(typed) / "py.typed").is_file()
-    assert not Path(typed).is_relative_to(ROOT), "installed from a copy, not the checkout's folder"
+    assert not Path(typed).is_relative_to(ROOT), "an installed copy, not the checkout's folder"
 
     served = serve(tiny_store, tmp_path / "serve.log", env=clean_env())
     try:

@@ -103,7 +103,9 @@ def shipped(
 
 
 @pytest.mark.slow
-def test_schemathesis_with_every_check_finds_nothing(shipped: tuple[Served, bool]) -> None:
+def test_schemathesis_with_every_check_finds_nothing(
+    shipped: tuple[Served, bool], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     served, keyed = shipped
     env = {k: v for k, v in os.environ.items() if k != "VAE_API_KEY"}
     env["SCHEMATHESIS_HOOKS"] = "tests.schemathesis_hooks"
@@ -112,7 +114,11 @@ def test_schemathesis_with_every_check_finds_nothing(shipped: tuple[Served, bool
     if keyed:
         argv += ["-H", f"X-API-Key: {API_KEY}"]
         env["VAE_API_KEY"] = API_KEY  # for the hooks' own GET /models
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Run from a folder of its own: schemathesis keeps a cache of past crashes in .schemathesis/
+    # under the working directory, and replays them; each run here starts clean.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    work = tmp_path_factory.mktemp("schemathesis-run")
+    done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-6000:]
     summary = re.search(r"(\d+) generated, (\d+) passed", out)

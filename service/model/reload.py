@@ -13,7 +13,7 @@ How a reload stays invisible to clients:
   version keeps serving on the event loop.
 - The swap is one assignment, `state.registry = new_registry`, made on the event loop: a
   new immutable ModelRegistry replaces the old one. A request looks the registry up once,
-  when it starts (service.model.state.serving), and keeps the runtime it got for all its model
+  when it starts (service.api.dependencies.serving), and keeps the runtime it got for all its model
   calls, so `/reconstruct`'s mu and images always come from one version, and requests that
   were already running finish on the old version, which lives as long as they hold it.
 - A version that fails any check is refused with one log line naming the file and the

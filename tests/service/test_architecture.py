@@ -53,7 +53,7 @@ def imports(path: Path, prefixes: tuple[str, ...]) -> set[str]:
 
 
 def is_module(name: str) -> bool:
-    """False for `service.model.faults.one_line` (a name in a module); third-party names pass."""
+    """False for `service.errors.one_line` (a name in a module); third-party names pass."""
     if name.split(".")[0] not in ("service", "trainer"):
         return True
     base = ROOT.joinpath(*name.split("."))

@@ -67,21 +67,34 @@ def require_json(request: Request) -> None:
 
 
 class JsonBodyRoute(APIRoute):
-    """A route whose body is a declared JSON model (/sample, /decode) takes only JSON: 415
-    for anything else, before FastAPI reads the body. Checked in the route's handler rather
-    than by a dependency, which FastAPI would solve on every request (docs/performance.md).
-    Routes that read their body themselves (/encode, /reconstruct) are left alone."""
+    """The API's routes check two things in their handler, before FastAPI reads the body:
+    a route whose body is a declared JSON model (/sample, /decode) takes only JSON (415 for
+    anything else), and no query parameter may be given twice (FastAPI would silently keep
+    the last; the document declares each one a single value). In the handler rather than
+    in a dependency, which FastAPI would solve on every request (docs/performance.md).
+    Routes that read their body themselves (/encode, /reconstruct) get the query check only."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        if self.body_field is None:
-            return handler
+        json_body = self.body_field is not None
 
-        async def json_only(request: Request) -> Response:
-            require_json(request)
+        async def checked(request: Request) -> Response:
+            if request.scope.get("query_string"):
+                once_each(request)
+            if json_body:
+                require_json(request)
             return await handler(request)
 
-        return json_only
+        return checked
+
+
+def once_each(request: Request) -> None:
+    keys = [key for key, _ in request.query_params.multi_items()]
+    if len(keys) != len(set(keys)):
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise InvalidRequest(
+            f"the query parameter {repeated!r} is given {keys.count(repeated)} times; give it once"
+        )
 
 
 # The `model` and `format` query parameters of /decode and /sample, read by query_options

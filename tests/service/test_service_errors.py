@@ -382,6 +382,15 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
         r"application/x-www-form-urlencoded",
     ),
     (
+        "a query parameter twice",
+        "POST",
+        "/encode?invert=auto&invert=true",
+        {"json": {"images": [b64(GOOD_PNG)]}},
+        422,
+        "invalid-request",
+        r"the query parameter 'invert' is given 2 times; give it once",
+    ),
+    (
         "bad invert",
         "POST",
         "/encode?invert=maybe",

@@ -121,23 +121,33 @@ class ApiKeyGate:
         if scope["type"] != "http" or self._is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
-        key, bearer_token = _keys_in(scope)
-        if _matches(key, self._secret) or _matches(bearer_token, self._secret):
+        key, authorization = _credentials_in(scope)
+        if self._all_right(key, authorization):
             await self.app(scope, receive, send)
             return
-        response = response_for(unauthorized(key is not None or bearer_token is not None), scope["path"])
+        response = response_for(unauthorized(key is not None or authorization is not None), scope["path"])
         await response(scope, receive, send)
 
+    def _all_right(self, key: str | None, authorization: str | None) -> bool:
+        """Every credential the request carries must be the key, and it must carry one: a
+        wrong X-API-Key beside a right bearer token (or a `Basic ...` header beside a right
+        X-API-Key) is refused, not read as whichever of the two happens to be right."""
+        if key is None and authorization is None:
+            return False
+        if key is not None and not _matches(key, self._secret):
+            return False
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            return scheme.lower() == "bearer" and _matches(token, self._secret)
+        return True
 
-def _keys_in(scope: Scope) -> tuple[str | None, str | None]:
-    """The X-API-Key header and the Authorization bearer token, read as FastAPI's
-    APIKeyHeader and HTTPBearer would read them."""
-    key = token = None
+
+def _credentials_in(scope: Scope) -> tuple[str | None, str | None]:
+    """The X-API-Key and Authorization headers as sent (None when absent)."""
+    key = authorization = None
     for name, value in scope.get("headers", ()):
         if name == b"x-api-key":
             key = value.decode("latin-1")
         elif name == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and credentials:
-                token = credentials
-    return key or None, token
+            authorization = value.decode("latin-1")
+    return key, authorization

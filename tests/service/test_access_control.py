@@ -71,6 +71,10 @@ def test_with_a_key_every_route_but_the_open_ones_is_401(keyed: InProcess) -> No
         "wrong X-API-Key": {"X-API-Key": "wrong"},
         "wrong bearer": {"Authorization": "Bearer wrong"},
         "key under another scheme": {"Authorization": f"Basic {KEY}"},
+        # Every credential sent must be the key: a right one does not excuse a wrong one.
+        "right X-API-Key, wrong bearer": {"X-API-Key": KEY, "Authorization": "Bearer wrong"},
+        "right X-API-Key, Basic auth": {"X-API-Key": KEY, "Authorization": "Basic dXNlcjpwdw=="},
+        "right bearer, wrong X-API-Key": {"Authorization": f"Bearer {KEY}", "X-API-Key": "wrong"},
     }
     closed, opened = set(), set()
     checks = 0
@@ -95,13 +99,14 @@ def test_with_a_key_every_route_but_the_open_ones_is_401(keyed: InProcess) -> No
             {"X-API-Key": KEY},
             {"Authorization": f"Bearer {KEY}"},
             {"Authorization": f"bearer {KEY}"},
+            {"X-API-Key": KEY, "Authorization": f"Bearer {KEY}"},
         ):
             assert _send(keyed, method, url, headers).status_code != 401, (method, url, headers)
             checks += 1
     record(
         "access control",
         f"API key set: every route of the app ({len(routes)} route/method pairs, {len(closed)} guarded) "
-        "without a key, with wrong keys, with the key in both header forms",
+        "without a key, with wrong keys (also beside the right one), with the key in both header forms",
         checks,
         f"every guarded route 401 before its body is parsed; only the {len(OPEN)} open paths "
         "(probes, docs, page) answer; unknown paths 401 too",

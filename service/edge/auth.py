@@ -40,7 +40,8 @@ SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
         "description": "The key set in VAE_API_KEY, as a bearer token.",
     },
 }
-# Either scheme will do: a list of alternatives, each a requirement of one scheme.
+# Either scheme will do: a list of alternatives, each a requirement of one scheme. (Whatever
+# credentials a request does carry must all be the key: ApiKeyGate._all_right.)
 SECURITY_REQUIREMENT = [{name: []} for name in SECURITY_SCHEMES]
 
 

@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FUZZ_EXAMPLES ?= 200
 
-.PHONY: serve test install install-dev lint model model-2d model-prior model-2d-prior bench screenshot clean fuzz reliability
+.PHONY: serve test image-test install install-dev lint model model-2d model-prior model-2d-prior bench screenshot clean fuzz reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: install-dev
 	$(BIN)/ruff check service trainer client tests bench
 	cd client && ../$(BIN)/mypy --strict vae_client
 	$(BIN)/python -m pytest
+
+# The container images and the compose deployment, built and run for real with Podman
+# (tests/deploy/test_images.py; `make test` runs them too, or skips them with one line where
+# no engine can run). Minutes: a first run makes a Debian base image and builds every image.
+image-test: install-dev
+	$(BIN)/python -m pytest -m containers -v
 
 # docs/explorer.png, the README's picture of the explorer page: the shipped models, served by a
 # real vae-serve, in headless Chromium.

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
+COMPOSE_SCALE = ROOT / "docker-compose.scale.yml"
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 
@@ -151,9 +153,28 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
     return VARIABLE.sub(one, value)
 
 
-def compose(path: Path = COMPOSE, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The compose file as Compose reads it with `env` (default: no variables set)."""
-    return interpolate(yaml.safe_load(path.read_text()), env or {})
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags: `!reset` (drop what the base file set) and `!override`
+    (replace it instead of merging). Either way the value is read as written."""
+
+
+def _as_written(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    return loader.construct_scalar(node)  # type: ignore[arg-type]
+
+
+for _tag in ("!reset", "!override"):
+    ComposeLoader.add_constructor(_tag, _as_written)
+
+
+def compose(path: Path = COMPOSE, env: dict[str, str] | None = None, keep_variables: bool = False) -> dict[str, Any]:
+    """The compose file as Compose reads it with `env` (default: no variables set), or as
+    written, its ${VAR}s kept."""
+    written = yaml.load(path.read_text(), Loader=ComposeLoader)  # noqa: S506 (a safe loader)
+    return written if keep_variables else interpolate(written, env or {})
 
 
 def service_env(service: dict[str, Any]) -> dict[str, str]:

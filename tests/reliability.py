@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "tests" / "output"
 README = ROOT / "README.md"
 START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
-AREAS = ("fuzzing", "hostile images", "overload", "faults", "access control")
+AREAS = ("fuzzing", "hostile images", "overload", "faults", "access control", "deployment")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,458 @@
+"""The container images and the compose deployment, for real: built from the Dockerfile, started
+with the compose file's hardening, run through Compose (train, reload, shut down, start again),
+and scaled out behind the balancer with a rolling restart and a killed replica under load.
+
+The engine is Podman (tests/container_support.py says how it is set up and why); where it
+cannot run, every test here skips with one line saying why (`make image-test` runs only these).
+The figures go to tests/output/images.json, docs/deployment.md quotes them."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from container_support import (
+    ROOT,
+    Built,
+    Compose,
+    Engine,
+    base_image,
+    build,
+    can_start_containers,
+    compose_binary,
+    engine,
+    torch_index,
+)
+from datasets import write_dataset
+from process_support import free_port
+from service_support import b64, drawn_digit, encoded, png
+
+from tests import reliability
+from tests.conftest import HAS_MNIST, MNIST_DIR
+
+pytestmark = [pytest.mark.slow, pytest.mark.containers]
+
+UID = "10001"
+TAG = "test"
+API, TRAINER, BALANCER = f"vae-service:{TAG}", f"vae-service-trainer:{TAG}", f"vae-balancer:{TAG}"
+OUTPUT = ROOT / "tests" / "output" / "images.json"
+# What the serving image must not hold: plotting, progress bars, test tools, compilers.
+NOT_IN_API = ("matplotlib", "tqdm", "pytest", "hypothesis", "schemathesis", "ruff", "mypy", "playwright")
+COMPILERS = ("gcc", "cc", "c++", "g++", "clang", "make")
+# A trainer run that takes seconds: the point is the volume, the owner and the reload.
+TINY_TRAINING = ["--epochs", "1", "--limit-train", "2000", "--limit-test", "500", "--batch-size", "100",
+                 "--latent-dim", "4", "--channels", "8", "--hidden", "32", "--iwae-k", "10",
+                 "--prior-components", "2", "--prior-iterations", "3", "--prior-nll-images", "10",
+                 "--no-prior", "--no-progress"]  # fmt: skip
+
+figures: dict[str, object] = {}
+
+
+def save_figures() -> None:
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(OUTPUT.read_text()) if OUTPUT.is_file() else {}
+    OUTPUT.write_text(json.dumps({**previous, **figures}, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def podman() -> Iterator[Engine]:
+    # Short, private and world-readable: the Docker API socket's path must stay under 108
+    # bytes, and the trainer (UID 10001) reads a dataset written below it.
+    workdir = Path(tempfile.mkdtemp(prefix="vae-ctr-"))
+    workdir.chmod(0o755)
+    found = engine(workdir)
+    can_start_containers(found, base_image(found))
+    found.start_docker_api()
+    yield found
+    found.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def images(podman: Engine) -> dict[str, Built]:
+    base = base_image(podman)
+    with torch_index(podman.workdir) as index:
+        built = {
+            "api": build(podman, "api", API, base, index),
+            "trainer": build(podman, "trainer", TRAINER, base, index),
+            "balancer": build(podman, "", BALANCER, base, index, context=ROOT / "deploy" / "haproxy"),
+        }
+    figures["images"] = {
+        name: {"tag": b.image, "bytes": b.size, "build_seconds": round(b.seconds, 1)} for name, b in built.items()
+    }
+    save_figures()
+    return built
+
+
+@pytest.fixture(scope="module")
+def dataset(podman: Engine) -> tuple[str, Path]:
+    """(--dataset, host directory) for the trainer: real MNIST where it is, else a small
+    synthetic set in the IDX layout."""
+    if HAS_MNIST:
+        return "mnist", MNIST_DIR.resolve()
+    root = podman.workdir / "data"
+    root.mkdir(mode=0o755)
+    return "synthetic", write_dataset(root, n_train=2000, n_test=500)
+
+
+def compose_project(podman: Engine, name: str, *files: Path, **env: str) -> Iterator[Compose]:
+    compose_binary()
+    project = Compose(podman, name, [ROOT / "docker-compose.yml", *files], {"VAE_TAG": TAG, **env})
+    project("down", "--volumes", "--timeout", "5", check=False)
+    try:
+        yield project
+    finally:
+        project("down", "--volumes", "--timeout", "5", check=False)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def digit_png() -> bytes:
+    if HAS_MNIST:
+        from trainer import data
+
+        return png(data.load_split(MNIST_DIR, "test").images[0])
+    return encoded(drawn_digit())
+
+
+def wait_ready(url: str, timeout: float = 120) -> float:
+    start = time.monotonic()
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - start < timeout, f"{url} not ready after {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def served_versions(url: str) -> dict[str, str]:
+    models = httpx.get(f"{url}/models", timeout=10).json()["models"]
+    return {m["name"]: m["version"] for m in models}
+
+
+@dataclass
+class Load:
+    """Clients sending small /sample requests back to back until stopped; each outcome kept."""
+
+    url: str
+    clients: int = 4
+    statuses: Counter[str] = field(default_factory=Counter)
+    versions: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def _client(self, number: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            seed = number * 1_000_000
+            while not self._stop.is_set():
+                seed += 1
+                try:
+                    answer = http.post("/sample", json={"n": 4, "seed": seed, "model": "mnist"})
+                except httpx.HTTPError as exc:
+                    self.statuses["error"] += 1
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                self.statuses[str(answer.status_code)] += 1
+                if answer.status_code == 200:
+                    self.versions[answer.json()["version"]] += 1
+                else:
+                    self.errors.append(f"{answer.status_code}: {answer.text[:200]}")
+
+    def __enter__(self) -> Load:
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def failures(self) -> int:
+        return self.requests - self.statuses["200"]
+
+    def wait_for(self, requests: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.requests < requests:
+            assert time.monotonic() < deadline, f"only {self.requests} requests in {timeout:.0f} s"
+            time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- 1. build
+
+
+def test_the_images_build_and_hold_only_what_they_should(podman: Engine, images: dict[str, Built]) -> None:
+    def inside(image: str, *argv: str) -> str:
+        return podman("run", "--rm", "--network", "none", "--entrypoint", argv[0], image, *argv[1:]).stdout
+
+    find = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m)))"
+    assert inside(API, "python", "-c", find, *NOT_IN_API).split() == [], "the serving image holds dev or train packages"
+    assert inside(TRAINER, "python", "-c", find, "matplotlib", "tqdm", "torch", "service", "trainer").split() == [
+        "matplotlib", "tqdm", "torch", "service", "trainer"
+    ]  # fmt: skip
+    found = inside(API, "sh", "-c", f"for c in {' '.join(COMPILERS)}; do command -v $c; done; true")
+    assert found.strip() == "", f"compilers in the serving image: {found.split()}"
+    for image in (API, TRAINER):
+        assert inside(image, "id", "-u").strip() == UID
+    assert "Usage" in inside(TRAINER, "vae-train", "--help")
+    for name, b in images.items():
+        print(f"{name}: {b.image} {b.size / 1e9:.2f} GB, built in {b.seconds:.0f} s")
+
+
+# ---------------------------------------------------------------------------- 2. run
+
+
+def test_the_api_image_serves_every_endpoint_hardened(podman: Engine, images: dict[str, Built]) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    name = "vae-test-api"
+    podman("rm", "--force", name, check=False)
+    # The compose file's hardening and limits, as `docker run` options.
+    started = time.monotonic()
+    podman("run", "--detach", "--name", name, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+           "--security-opt", "no-new-privileges", "--cpus", "2", "--memory", "2g",
+           "--publish", f"127.0.0.1:{port}:8000", API)  # fmt: skip
+    try:
+        ready = wait_ready(url)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.get("/readyz").json()["status"] == "ready"
+            sample = http.post("/sample", json={"n": 4, "seed": 3})
+            assert sample.status_code == 200 and len(sample.json()["images"]) == 4
+            image = b64(digit_png())
+            encoded = http.post("/encode", json={"images": [image]}).json()
+            assert len(encoded["mu"][0]) == len(encoded["sigma"][0]) == 32
+            rebuilt = http.post("/reconstruct", json={"images": [image]})
+            assert rebuilt.status_code == 200 and len(rebuilt.json()["images"]) == 1
+            metrics = http.get("/metrics")
+            assert metrics.status_code == 200 and "vae_http_requests_total" in metrics.text
+            page = http.get("/")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        healthy_after = podman.check_health(name)
+        assert podman.health(name) == "healthy"
+        assert podman("exec", name, "id", "-u").stdout.strip() == UID
+        assert podman("exec", name, "touch", "/app/model_store/x", check=False).returncode != 0, "root fs writable"
+        capabilities = podman("exec", name, "grep", "CapEff", "/proc/1/status").stdout.split()[-1]
+        assert int(capabilities, 16) == 0, f"capabilities left: {capabilities}"
+        stopping = time.monotonic()
+        podman("stop", "--time", "40", name)
+        stopped = time.monotonic() - stopping
+        assert podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+    finally:
+        logs = podman("logs", name, check=False).stderr
+        podman("rm", "--force", name, check=False)
+    figures["api_container"] = {
+        "start_to_ready_seconds": round(ready, 2),
+        "healthcheck_passed_after_seconds": round(healthy_after, 2),
+        "stop_seconds": round(stopped, 2),
+        "total_seconds": round(time.monotonic() - started, 1),
+    }
+    save_figures()
+    assert "Traceback" not in logs, logs[-3000:]
+
+
+# ---------------------------------------------------------------------------- 3. compose
+
+
+@pytest.fixture
+def compose(podman: Engine, images: dict[str, Built], dataset: tuple[str, Path]) -> Iterator[Compose]:
+    # Longer shutdown requests than the default queue admits (the down test below).
+    override = podman.workdir / "queue.override.yml"
+    override.write_text('services:\n  api:\n    environment:\n      VAE_QUEUE_MAX: "65536"\n')
+    yield from compose_project(
+        podman, "vaetest", override, VAE_HTTP_PORT=str(free_port()), MNIST_DIR=str(dataset[1]), VAE_TRAIN_CPUS="2"
+    )
+
+
+def test_compose_up_train_reload_down_and_up_again(compose: Compose, podman: Engine,
+                                                   dataset: tuple[str, Path]) -> None:  # fmt: skip
+    url = f"http://127.0.0.1:{compose.env['VAE_HTTP_PORT']}"
+    started = time.monotonic()
+    compose("up", "--detach", "--no-build", "api")
+    (api,) = compose.containers("api")
+    ready = wait_ready(url)
+    podman.check_health(api)
+    assert [c["Health"] for c in compose.ps() if c["Service"] == "api"] == ["healthy"]
+    before = served_versions(url)
+
+    # The trainer profile writes a new version into the shared volume, as UID 10001.
+    trained = time.monotonic()
+    out = compose("--profile", "train", "run", "--rm", "trainer", "--name", "mnist", "--dataset", dataset[0],
+                  *TINY_TRAINING, timeout=600)  # fmt: skip
+    train_seconds = time.monotonic() - trained
+    new = re.search(r"wrote /app/model_store/mnist/(v\d+)", out.stdout + out.stderr)
+    assert new, out.stdout[-2000:] + out.stderr[-2000:]
+    version = new.group(1)
+    volume = podman("volume", "inspect", "--format", "{{.Mountpoint}}", "vaetest_models").stdout.strip()
+    written = Path(volume) / "mnist" / version
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in [written, *written.rglob("*")]}
+    assert owners == {(int(UID), int(UID))}, owners
+    assert served_versions(url) == before, "a new version was served before the reload"
+
+    # SIGHUP through Compose, under a steady load: no failed request, the new version served.
+    with Load(url) as load:
+        load.wait_for(20)
+        compose("kill", "--signal", "SIGHUP", "api")
+        deadline = time.monotonic() + 60
+        while served_versions(url)["mnist"] != version:
+            assert time.monotonic() < deadline, "SIGHUP did not bring the new version in 60 s"
+            time.sleep(0.2)
+        reloaded_at = load.requests
+        load.wait_for(reloaded_at + 20)
+    assert load.failures == 0, load.errors[:5]
+    assert load.versions[before["mnist"]] > 0 and load.versions[version] > 0, load.versions
+    reliability.record("deployment", "`docker compose kill -s SIGHUP api` (a new trained version) under a steady "
+                       "load of 4 clients", load.requests, f"0 failed; {load.versions[before['mnist']]} answered by "
+                       f"{before['mnist']}, {load.versions[version]} by {version}",
+                       "test_images.py::test_compose_up_train_reload_down_and_up_again")  # fmt: skip
+
+    # `compose down` while requests are in flight: every accepted request is answered.
+    answers = down_with_requests_in_flight(compose, url)
+    assert all(status == 200 for status, _ in answers), answers
+    late = sum(1 for _, after in answers if after)
+    reliability.record("deployment", "`docker compose down` with 8 /sample n=1024 requests accepted, most still "
+                       "queued", len(answers), f"all 8 answered 200 with 1024 images; {late} of them after "
+                       "`down` had begun", "test_images.py::test_compose_up_train_reload_down_and_up_again")  # fmt: skip
+
+    # Up again: the volume's versions, the trained one included, are served.
+    compose("up", "--detach", "--no-build", "api")
+    wait_ready(url)
+    assert served_versions(url)["mnist"] == version
+    figures["compose"] = {
+        "up_to_ready_seconds": round(ready, 2),
+        "trainer_run_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.monotonic() - started, 1),
+    }
+    save_figures()
+
+
+def down_with_requests_in_flight(compose: Compose, url: str, requests: int = 8) -> list[tuple[int, bool]]:
+    """(status, answered after `down` began) for each of `requests` large /sample requests."""
+    answers: list[tuple[int, float]] = []
+
+    def client(seed: int) -> None:
+        try:
+            answer = httpx.post(f"{url}/sample", json={"n": 1024, "seed": seed}, timeout=120)
+            ok = answer.status_code == 200 and len(answer.json()["images"]) == 1024
+            answers.append((answer.status_code if ok else -answer.status_code, time.monotonic()))
+        except httpx.HTTPError:
+            answers.append((0, time.monotonic()))
+
+    threads = [threading.Thread(target=client, args=(seed,), daemon=True) for seed in range(requests)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while True:  # accepted = in flight (less this /metrics) or answered
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        in_flight = float(re.search(r"^vae_http_requests_in_flight (\S+)$", text, re.M).group(1)) - 1
+        if in_flight + len(answers) >= requests:
+            break
+        assert time.monotonic() < deadline, f"only {in_flight + len(answers)} of {requests} accepted"
+        time.sleep(0.01)
+    began = time.monotonic()
+    compose("down", "--timeout", "40")
+    for thread in threads:
+        thread.join(timeout=120)
+    return [(status, at > began) for status, at in answers]
+
+
+# ---------------------------------------------------------------------------- 4. scale
+
+
+@pytest.fixture
+def scaled(podman: Engine, images: dict[str, Built]) -> Iterator[Compose]:
+    yield from compose_project(
+        podman, "vaetest-scale", ROOT / "docker-compose.scale.yml", VAE_HTTP_PORT=str(free_port()),
+        VAE_REPLICAS="2", VAE_CPUS="1", VAE_BALANCER_IMAGE=f"localhost/{BALANCER}",
+    )  # fmt: skip
+
+
+def balancer_log(podman: Engine, container: str) -> tuple[int, int, list[str]]:
+    """(requests, retries, lines) from HAProxy's httplog lines, excluding /readyz probes."""
+    log = podman("logs", container, check=False)
+    lines = [line for line in (log.stdout + log.stderr).splitlines() if '"POST /sample' in line]
+    retries = 0
+    for line in lines:
+        # ... status bytes - - ---- actconn/feconn/beconn/srv_conn/retries queues "request"
+        counts = re.search(r" [-\w]{4} \d+/\d+/\d+/\d+/\+?(\d+) ", line)
+        retries += int(counts.group(1)) if counts else 0
+    return len(lines), retries, lines
+
+
+def test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_replica(
+    scaled: Compose, podman: Engine
+) -> None:
+    url = f"http://127.0.0.1:{scaled.env['VAE_HTTP_PORT']}"
+    scaled("up", "--detach", "--no-build")
+    replicas = scaled.containers("api")
+    (lb,) = scaled.containers("lb")
+    assert len(replicas) == 2
+    for replica in replicas:
+        podman.check_health(replica)
+    wait_ready(url)
+
+    def replica_ready(container: str) -> None:
+        probe = "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"
+        deadline = time.monotonic() + 120
+        while podman("exec", container, "python", "-c", probe, check=False).returncode != 0:
+            assert time.monotonic() < deadline, f"{container} not ready 120 s after its restart"
+            time.sleep(0.2)
+
+    # A rolling restart: one replica at a time, the next only once the balancer has the
+    # restarted one back (HAProxy checks /readyz every second and needs one success).
+    restart_started = time.monotonic()
+    with Load(url) as rolling:
+        rolling.wait_for(20)
+        for replica in replicas:
+            podman("restart", "--time", "40", replica)
+            replica_ready(replica)
+            time.sleep(2.5)
+        rolling.wait_for(rolling.requests + 20)
+    restart_seconds = time.monotonic() - restart_started
+    rolled_requests, rolled_retries, _ = balancer_log(podman, lb)
+    assert rolling.failures == 0, rolling.errors[:5]
+    reliability.record("deployment", "rolling restart of 2 replicas behind HAProxy (`podman restart -t 40`, one at "
+                       "a time) under a steady load of 4 clients", rolling.requests, f"0 failed; {rolled_retries} "
+                       f"retried by the balancer on the other replica; {restart_seconds:.0f} s",
+                       "test_images.py::test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_replica")  # fmt: skip
+
+    # SIGKILL: no drain at all. The balancer retries what was in flight on the other replica
+    # and stops sending it requests once /readyz fails twice.
+    with Load(url) as killed:
+        killed.wait_for(20)
+        podman("kill", "--signal", "KILL", replicas[0])
+        time.sleep(5)
+        killed.wait_for(killed.requests + 20)
+    total, retries, _ = balancer_log(podman, lb)
+    log = podman("logs", lb, check=False)
+    assert re.search(r"Server replicas/api\d+ is DOWN", log.stdout + log.stderr), "the balancer never saw it go"
+    assert killed.failures == 0, killed.errors[:5]
+    reliability.record("deployment", "SIGKILL of 1 of 2 replicas behind HAProxy under a steady load of 4 clients",
+                       killed.requests, f"0 failed; {retries - rolled_retries} retried on the other replica; "
+                       "the killed one marked DOWN by its /readyz check",
+                       "test_images.py::test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_replica")  # fmt: skip
+    figures["scale"] = {"replicas": 2, "rolling_restart_seconds": round(restart_seconds, 1),
+                        "balancer_requests": total, "balancer_retries": retries}  # fmt: skip
+    save_figures()

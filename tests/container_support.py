@@ -1,4 +1,4 @@
-"""A real container engine for the image tests (tests/deploy/test_images.py): Podman, its Docker
+"""A real container engine for the image tests (tests/deploy/test_containers.py): Podman, its Docker
 API for Compose, a local base image and a local package index for torch.
 
 Everything machine-specific lives here, never in the Dockerfile or the compose files:
@@ -65,11 +65,16 @@ def run(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: floa
         list(argv), env=env, cwd=cwd, capture_output=True, timeout=timeout, input=stdin, check=False
     )
     out = subprocess.CompletedProcess(
-        result.args, result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+        result.args,
+        result.returncode,
+        result.stdout.decode(errors="replace"),
+        result.stderr.decode(errors="replace"),
     )
     if check and out.returncode != 0:
+        command = " ".join(map(str, argv))
         raise AssertionError(
-            f"{' '.join(map(str, argv))} exited {out.returncode}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-4000:]}"
+            f"{command} exited {out.returncode}\n"
+            f"--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-4000:]}"
         )
     return out
 
@@ -131,7 +136,9 @@ class Engine:
 def engine(workdir: Path) -> Engine:
     podman = shutil.which("podman")
     if podman is None:
-        unavailable("podman is not installed (apt-get install podman runc debootstrap); container tests not run")
+        unavailable(
+            "podman is not installed (apt-get install podman runc debootstrap); container tests not run"
+        )
     conf = workdir / "containers.conf"
     conf.write_text(CONTAINERS_CONF)
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
@@ -153,7 +160,14 @@ def base_image(podman: Engine) -> str:
     if debootstrap is None or os.geteuid() != 0:
         unavailable("making the base image needs debootstrap, as root (apt-get install debootstrap)")
     with tempfile.TemporaryDirectory(dir=podman.workdir) as rootfs:
-        argv = [debootstrap, "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm", rootfs, DEBIAN_MIRROR]
+        argv = [
+            debootstrap,
+            "--variant=minbase",
+            f"--include={BASE_PACKAGES}",
+            "bookworm",
+            rootfs,
+            DEBIAN_MIRROR,
+        ]
         run(argv, timeout=900)
         # The package cache and lists: the Dockerfile runs `apt-get update` where it installs.
         for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
@@ -177,11 +191,20 @@ def torch_index(workdir: Path) -> Iterator[str]:
     machine's pip finds them (the Dockerfile installs torch with --index-url)."""
     wheels = CACHE / "torch-wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:", "-d", str(wheels), TORCH],
-        timeout=900)  # fmt: skip
+    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:"]
+    run([*pip, "--dest", str(wheels), TORCH], timeout=900)
     port = free_port()
     server = subprocess.Popen(
-        [str(BIN / "pypi-server"), "run", "-i", "127.0.0.1", "-p", str(port), "--disable-fallback", str(wheels)],
+        [
+            str(BIN / "pypi-server"),
+            "run",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--disable-fallback",
+            str(wheels),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=(workdir / "pypi-server.log").open("wb"),
     )
@@ -194,7 +217,9 @@ def torch_index(workdir: Path) -> Iterator[str]:
                     break
             except httpx.HTTPError:
                 pass
-            assert server.poll() is None and time.monotonic() < deadline, (workdir / "pypi-server.log").read_text()
+            assert server.poll() is None and time.monotonic() < deadline, (
+                workdir / "pypi-server.log"
+            ).read_text()
             time.sleep(0.2)
         yield url
     finally:
@@ -213,8 +238,9 @@ def build(podman: Engine, target: str, tag: str, base: str, index_url: str, cont
           dockerfile: Path | None = None) -> Built:  # fmt: skip
     """`podman build` of one target of the real Dockerfile, as a Docker-format image (the OCI
     format has no HEALTHCHECK)."""
-    argv = ["build", "--format", "docker", "--network", "host", "--build-arg", f"PYTHON_IMAGE={base}",
-            "--build-arg", f"TORCH_INDEX_URL={index_url}", "--build-arg", f"BASE_IMAGE={base}", "-t", tag]  # fmt: skip
+    argv = ["build", "--format", "docker", "--network", "host", "--tag", tag]
+    for arg in (f"PYTHON_IMAGE={base}", f"BASE_IMAGE={base}", f"TORCH_INDEX_URL={index_url}"):
+        argv += ["--build-arg", arg]
     if Path("/etc/ssl/certs").is_dir():
         argv += ["--volume", "/etc/ssl/certs:/etc/ssl/certs:ro"]
     if target:
@@ -235,7 +261,9 @@ class Compose:
     files: list[Path]
     env: dict[str, str]
 
-    def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         argv = [compose_binary(), "--project-name", self.project, "--project-directory", str(ROOT)]
         for path in self.files:
             argv += ["--file", str(path)]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+KUBERNETES = ROOT / "deploy" / "kubernetes"
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
@@ -170,10 +173,12 @@ for _tag in ("!reset", "!override"):
     ComposeLoader.add_constructor(_tag, _as_written)
 
 
-def compose(path: Path = COMPOSE, env: dict[str, str] | None = None, keep_variables: bool = False) -> dict[str, Any]:
+def compose(
+    path: Path = COMPOSE, env: dict[str, str] | None = None, keep_variables: bool = False
+) -> dict[str, Any]:
     """The compose file as Compose reads it with `env` (default: no variables set), or as
     written, its ${VAR}s kept."""
-    written = yaml.load(path.read_text(), Loader=ComposeLoader)  # noqa: S506 (a safe loader)
+    written = yaml.load(path.read_text(), Loader=ComposeLoader)
     return written if keep_variables else interpolate(written, env or {})
 
 
@@ -190,3 +195,60 @@ def duration_seconds(text: str) -> float:
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
     assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
     return sum(float(n) * units[u] for n, u in parts)
+
+
+# ---------------------------------------------------------------------------- the programs
+
+
+def served_variables() -> set[str]:
+    """Every VAE_* variable vae-serve reads (its options name their env variable)."""
+    from service.cli import build_parser
+
+    names: set[str] = set()
+    for action in build_parser()._actions:
+        names.update(re.findall(r"env (VAE_[A-Z_]+)", action.help or ""))
+    return names
+
+
+def trained_variables() -> set[str]:
+    """Every VAE_* variable vae-train reads."""
+    import typer
+
+    from trainer.cli import app as train_app
+
+    return {p.envvar for p in typer.main.get_command(train_app).params if isinstance(p.envvar, str)}
+
+
+def image_uid() -> int:
+    """The UID the Dockerfile's runtime stage creates and runs as."""
+    found = re.findall(r"useradd [^\n]*--uid (\d+)", DOCKERFILE.read_text())
+    assert len(found) == 1, found
+    return int(found[0])
+
+
+# ---------------------------------------------------------------------------- kubernetes
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    """`kubectl kustomize deploy/kubernetes/overlays/<overlay>`: its documents, in order. Skips
+    where kubectl (which carries kustomize) is not installed."""
+    import pytest
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it carries kustomize): the manifests cannot be rendered")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(KUBERNETES / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    """The one document of that kind (and name)."""
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"{len(found)} {kind} {name or ''}"
+    return found[0]

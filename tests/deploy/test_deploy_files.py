@@ -21,19 +21,21 @@ from deploy_files import (
     COMPOSE_SCALE,
     DOCKERFILE,
     DOCKERIGNORE,
+    HAPROXY_CFG,
     ROOT,
     compose,
     duration_seconds,
     exec_form,
     healthcheck,
+    served_variables,
     service_env,
     stage_env,
     stages,
+    trained_variables,
     without_init,
 )
 from process_support import BIN, clean_env, clean_exit, free_port, start, wait_ready
-
-from service.cli import build_parser
+from service_support import make_settings
 
 UID = "10001"
 STORE = "/app/model_store"
@@ -225,17 +227,37 @@ def test_the_gpu_override_reserves_one_gpu_for_both() -> None:
     assert "TORCH_VARIANT" in [a.text.split("=")[0] for a in stages()["builder"].all("ARG")]
 
 
+def test_the_scale_override_and_its_balancer_agree_with_the_app() -> None:
+    """docker-compose.scale.yml and deploy/haproxy/haproxy.cfg: the balancer reaches the
+    replicas on the image's port, checks a real readiness route, publishes what it binds,
+    and the replicas publish nothing of their own."""
+    from service.app import create_app
+
+    scale = compose(COMPOSE_SCALE)["services"]
+    base = compose(COMPOSE)["services"]
+    cfg = HAPROXY_CFG.read_text()
+    assert scale["api"]["ports"] == [] and "replicas" in scale["api"]["deploy"]
+    [template] = re.findall(r"^\s*server-template \S+ (\d+) (\S+):(\d+)\s*$", cfg, re.M)
+    assert template[1] == "api" and template[2] == stage_env(stages(), "api")["VAE_PORT"]
+    [check] = re.findall(r"^\s*option httpchk GET (\S+)\s*$", cfg, re.M)
+    routes = {getattr(r, "path", None) for r in create_app(make_settings(ROOT / "model_store")).routes}
+    assert check == "/readyz" and check in routes
+    [bind] = re.findall(r"^\s*bind :(\d+)\s*$", cfg, re.M)
+    [published] = scale["lb"]["ports"]
+    assert str(published["target"]) == bind
+    assert published["published"] == base["api"]["ports"][0]["published"]
+    assert published["host_ip"] == base["api"]["ports"][0]["host_ip"] == "127.0.0.1"
+    [mount] = scale["lb"]["volumes"]
+    assert (ROOT / mount["source"]).resolve() == HAPROXY_CFG and mount["read_only"]
+    # The balancer must wait longer for an answer than the service lets a request run.
+    server_timeout = duration_seconds(re.search(r"^\s*timeout server (\S+)", cfg, re.M).group(1))
+    assert server_timeout > make_settings(ROOT / "model_store").request_timeout_s
+
+
 def test_every_variable_set_is_one_the_programs_read() -> None:
     """A misspelt VAE_ variable would be ignored silently: every one the Dockerfile or compose
     sets must be read by vae-serve (its options' env names) or by vae-train."""
-    served = set()
-    for action in build_parser()._actions:
-        served.update(re.findall(r"env (VAE_[A-Z_]+)", action.help or ""))
-    import typer
-
-    from trainer.cli import app as train_app
-
-    trained = {p.envvar for p in typer.main.get_command(train_app).params if isinstance(p.envvar, str)}
+    served, trained = served_variables(), trained_variables()
     all_stages = stages()
     services = {**compose()["services"]}
     gpu = compose(COMPOSE_GPU)["services"]
@@ -294,6 +316,10 @@ def test_the_server_runs_with_exactly_the_image_command_and_environment(
             time.sleep(0.2)
         assert f"healthy: GET http://127.0.0.1:{port}/healthz answered 200" in result.stdout
         wait_ready(served)
+        ready = subprocess.run(
+            [*check, "--ready"], env=env, cwd=workdir, capture_output=True, text=True, timeout=30
+        )
+        assert f"healthy: GET http://127.0.0.1:{port}/readyz answered 200" in ready.stdout, ready.stderr
         with httpx.Client(base_url=served.url, timeout=30) as http:
             assert http.get("/readyz").json()["models"] == ["tiny", "tiny-2d"]
             sampled = http.post("/sample", json={"n": 2, "seed": 1})
@@ -305,8 +331,9 @@ def test_the_server_runs_with_exactly_the_image_command_and_environment(
         assert "SIGHUP reloads new model versions" in log
         assert clean_exit(served.stop()), served.log()
         assert "Application shutdown complete" in served.log()
-        down = subprocess.run(check, env=env, cwd=workdir, capture_output=True, text=True, timeout=30)
-        assert down.returncode == 1 and "unhealthy: GET" in down.stderr
+        for probe in (check, [*check, "--ready"]):
+            down = subprocess.run(probe, env=env, cwd=workdir, capture_output=True, text=True, timeout=30)
+            assert down.returncode == 1 and "unhealthy: GET" in down.stderr
     finally:
         served.kill()
 

@@ -21,10 +21,14 @@ from process_support import Served, clean_env, serve
 
 from service.app import create_app
 from tests.conftest import ROOT, SHIPPED_STORE
-from tests.reliability import record
+from tests.reliability import LONG_RUN, record
 from tests.service_support import make_settings
 
 API_KEY = "openapi-key-0123456789"
+# `schemathesis run --checks all --max-examples N` against the shipped models: N=100 in every
+# run of the suite (about 3 minutes for both servers), 300 in `make fuzz` (OPENAPI_EXAMPLES=300,
+# about 8), whose rows the README keeps beside these.
+OPENAPI_EXAMPLES = int(os.environ.get("OPENAPI_EXAMPLES") or 100)
 OPERATION_IDS = {
     ("post", "/encode"): "encode",
     ("post", "/reconstruct"): "reconstruct",
@@ -110,7 +114,7 @@ def test_schemathesis_with_every_check_finds_nothing(
     env = {k: v for k, v in os.environ.items() if k != "VAE_API_KEY"}
     env["SCHEMATHESIS_HOOKS"] = "tests.schemathesis_hooks"
     argv = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{served.url}/openapi.json"]
-    argv += ["--checks", "all", "--max-examples", "300", "--seed", "1", "--no-color"]
+    argv += ["--checks", "all", "--max-examples", str(OPENAPI_EXAMPLES), "--seed", "1", "--no-color"]
     if keyed:
         argv += ["-H", f"X-API-Key: {API_KEY}"]
         env["VAE_API_KEY"] = API_KEY  # for the hooks' own GET /models
@@ -125,9 +129,10 @@ def test_schemathesis_with_every_check_finds_nothing(
     assert summary and "failure" not in out.split("SUMMARY")[-1], out[-3000:]
     record(
         "fuzzing",
-        f"`schemathesis run --checks all --max-examples 300`, {'keyed' if keyed else 'open'} server, "
-        "shipped models",
+        f"`schemathesis run --checks all --max-examples {OPENAPI_EXAMPLES}`, {'keyed' if keyed else 'open'} "
+        "server, shipped models",
         int(summary.group(1)),
         "no findings",
-        "test_openapi.py::test_schemathesis_with_every_check_finds_nothing",
+        "test_openapi.py::test_schemathesis_with_every_check_finds_nothing"
+        + (f" {LONG_RUN}" if os.environ.get("OPENAPI_EXAMPLES") else ""),
     )

@@ -8,7 +8,9 @@ The figures go to tests/output/images.json, docs/deployment.md quotes them."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from container_support import (
     ROOT,
     Built,
@@ -34,6 +37,7 @@ from container_support import (
     torch_index,
 )
 from datasets import write_dataset
+from deploy_files import one, render
 from process_support import free_port
 from service_support import b64, drawn_digit, encoded, png
 
@@ -56,6 +60,12 @@ TINY_TRAINING = ["--epochs", "1", "--limit-train", "2000", "--limit-test", "500"
                  "--no-prior", "--no-progress"]  # fmt: skip
 
 figures: dict[str, object] = {}
+
+
+def row(tried: str, count: int, result: str) -> None:
+    """A row of the README's Reliability table, credited to the test that is running."""
+    test = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].split(" ")[0]
+    reliability.record("deployment", tried, count, result, f"test_containers.py::{test}")
 
 
 def save_figures() -> None:
@@ -91,7 +101,8 @@ def images(podman: Engine) -> dict[str, Built]:
             "balancer": build(podman, "", BALANCER, base, index, context=ROOT / "deploy" / "haproxy"),
         }
     figures["images"] = {
-        name: {"tag": b.image, "bytes": b.size, "build_seconds": round(b.seconds, 1)} for name, b in built.items()
+        name: {"tag": b.image, "bytes": b.size, "build_seconds": round(b.seconds, 1)}
+        for name, b in built.items()
     }
     save_figures()
     return built
@@ -176,7 +187,9 @@ class Load:
                     self.errors.append(f"{answer.status_code}: {answer.text[:200]}")
 
     def __enter__(self) -> Load:
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
+        self._threads = [
+            threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)
+        ]
         for thread in self._threads:
             thread.start()
         return self
@@ -209,10 +222,11 @@ def test_the_images_build_and_hold_only_what_they_should(podman: Engine, images:
         return podman("run", "--rm", "--network", "none", "--entrypoint", argv[0], image, *argv[1:]).stdout
 
     find = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m)))"
-    assert inside(API, "python", "-c", find, *NOT_IN_API).split() == [], "the serving image holds dev or train packages"
-    assert inside(TRAINER, "python", "-c", find, "matplotlib", "tqdm", "torch", "service", "trainer").split() == [
-        "matplotlib", "tqdm", "torch", "service", "trainer"
-    ]  # fmt: skip
+    assert inside(API, "python", "-c", find, *NOT_IN_API).split() == [], (
+        "the serving image holds dev or train packages"
+    )
+    needed = ["matplotlib", "tqdm", "torch", "service", "trainer"]
+    assert inside(TRAINER, "python", "-c", find, *needed).split() == needed
     found = inside(API, "sh", "-c", f"for c in {' '.join(COMPILERS)}; do command -v $c; done; true")
     assert found.strip() == "", f"compilers in the serving image: {found.split()}"
     for image in (API, TRAINER):
@@ -253,7 +267,9 @@ def test_the_api_image_serves_every_endpoint_hardened(podman: Engine, images: di
         healthy_after = podman.check_health(name)
         assert podman.health(name) == "healthy"
         assert podman("exec", name, "id", "-u").stdout.strip() == UID
-        assert podman("exec", name, "touch", "/app/model_store/x", check=False).returncode != 0, "root fs writable"
+        assert podman("exec", name, "touch", "/app/model_store/x", check=False).returncode != 0, (
+            "root fs writable"
+        )
         capabilities = podman("exec", name, "grep", "CapEff", "/proc/1/status").stdout.split()[-1]
         assert int(capabilities, 16) == 0, f"capabilities left: {capabilities}"
         stopping = time.monotonic()
@@ -282,7 +298,12 @@ def compose(podman: Engine, images: dict[str, Built], dataset: tuple[str, Path])
     override = podman.workdir / "queue.override.yml"
     override.write_text('services:\n  api:\n    environment:\n      VAE_QUEUE_MAX: "65536"\n')
     yield from compose_project(
-        podman, "vaetest", override, VAE_HTTP_PORT=str(free_port()), MNIST_DIR=str(dataset[1]), VAE_TRAIN_CPUS="2"
+        podman,
+        "vaetest",
+        override,
+        VAE_HTTP_PORT=str(free_port()),
+        MNIST_DIR=str(dataset[1]),
+        VAE_TRAIN_CPUS="2",
     )
 
 
@@ -323,18 +344,22 @@ def test_compose_up_train_reload_down_and_up_again(compose: Compose, podman: Eng
         load.wait_for(reloaded_at + 20)
     assert load.failures == 0, load.errors[:5]
     assert load.versions[before["mnist"]] > 0 and load.versions[version] > 0, load.versions
-    reliability.record("deployment", "`docker compose kill -s SIGHUP api` (a new trained version) under a steady "
-                       "load of 4 clients", load.requests, f"0 failed; {load.versions[before['mnist']]} answered by "
-                       f"{before['mnist']}, {load.versions[version]} by {version}",
-                       "test_images.py::test_compose_up_train_reload_down_and_up_again")  # fmt: skip
+    old = before["mnist"]
+    row(
+        "`docker compose kill -s SIGHUP api` (a new trained version) under a steady load of 4 clients",
+        load.requests,
+        f"0 failed; {load.versions[old]} answered by {old}, {load.versions[version]} by {version}",
+    )
 
     # `compose down` while requests are in flight: every accepted request is answered.
     answers = down_with_requests_in_flight(compose, url)
     assert all(status == 200 for status, _ in answers), answers
     late = sum(1 for _, after in answers if after)
-    reliability.record("deployment", "`docker compose down` with 8 /sample n=1024 requests accepted, most still "
-                       "queued", len(answers), f"all 8 answered 200 with 1024 images; {late} of them after "
-                       "`down` had begun", "test_images.py::test_compose_up_train_reload_down_and_up_again")  # fmt: skip
+    row(
+        "`docker compose down` with 8 /sample n=1024 requests accepted, most still queued",
+        len(answers),
+        f"all 8 answered 200 with 1024 images; {late} of them after `down` had begun",
+    )
 
     # Up again: the volume's versions, the trained one included, are served.
     compose("up", "--detach", "--no-build", "api")
@@ -414,9 +439,10 @@ def test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_rep
     wait_ready(url)
 
     def replica_ready(container: str) -> None:
-        probe = "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"
         deadline = time.monotonic() + 120
-        while podman("exec", container, "python", "-c", probe, check=False).returncode != 0:
+        while podman(
+            "exec", container, "python", "-m", "service.healthcheck", "--ready", check=False
+        ).returncode:
             assert time.monotonic() < deadline, f"{container} not ready 120 s after its restart"
             time.sleep(0.2)
 
@@ -431,12 +457,14 @@ def test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_rep
             time.sleep(2.5)
         rolling.wait_for(rolling.requests + 20)
     restart_seconds = time.monotonic() - restart_started
-    rolled_requests, rolled_retries, _ = balancer_log(podman, lb)
+    _, rolled_retries, _ = balancer_log(podman, lb)
     assert rolling.failures == 0, rolling.errors[:5]
-    reliability.record("deployment", "rolling restart of 2 replicas behind HAProxy (`podman restart -t 40`, one at "
-                       "a time) under a steady load of 4 clients", rolling.requests, f"0 failed; {rolled_retries} "
-                       f"retried by the balancer on the other replica; {restart_seconds:.0f} s",
-                       "test_images.py::test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_replica")  # fmt: skip
+    row(
+        "rolling restart of 2 replicas behind HAProxy (`podman restart -t 40`, one at a time) under a "
+        "steady load of 4 clients",
+        rolling.requests,
+        f"0 failed; {rolled_retries} retried by the balancer on the other replica; {restart_seconds:.0f} s",
+    )
 
     # SIGKILL: no drain at all. The balancer retries what was in flight on the other replica
     # and stops sending it requests once /readyz fails twice.
@@ -447,12 +475,71 @@ def test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_rep
         killed.wait_for(killed.requests + 20)
     total, retries, _ = balancer_log(podman, lb)
     log = podman("logs", lb, check=False)
-    assert re.search(r"Server replicas/api\d+ is DOWN", log.stdout + log.stderr), "the balancer never saw it go"
+    assert re.search(r"Server replicas/api\d+ is DOWN", log.stdout + log.stderr), (
+        "the balancer never saw it go"
+    )
     assert killed.failures == 0, killed.errors[:5]
-    reliability.record("deployment", "SIGKILL of 1 of 2 replicas behind HAProxy under a steady load of 4 clients",
-                       killed.requests, f"0 failed; {retries - rolled_retries} retried on the other replica; "
-                       "the killed one marked DOWN by its /readyz check",
-                       "test_images.py::test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_replica")  # fmt: skip
-    figures["scale"] = {"replicas": 2, "rolling_restart_seconds": round(restart_seconds, 1),
-                        "balancer_requests": total, "balancer_retries": retries}  # fmt: skip
+    row(
+        "SIGKILL of 1 of 2 replicas behind HAProxy under a steady load of 4 clients",
+        killed.requests,
+        f"0 failed; {retries - rolled_retries} retried on the other replica; the killed one marked DOWN "
+        "by its /readyz check",
+    )
+    figures["scale"] = {
+        "replicas": 2,
+        "rolling_restart_seconds": round(restart_seconds, 1),
+        "balancer_requests": total,
+        "balancer_retries": retries,
+    }
+    save_figures()
+
+
+# ---------------------------------------------------------------------------- 5. kubernetes
+
+
+def test_the_kubernetes_deployment_runs_with_podman_kube_play(
+    podman: Engine, images: dict[str, Built]
+) -> None:
+    """The cpu overlay's rendered Deployment, as written but for the image (the one built
+    above) and one replica. Podman plays Deployments, not Services, autoscalers or policies,
+    and runs no readiness or startup probes: the test asks /readyz itself."""
+    docs = render("cpu")
+    deployment = copy.deepcopy(one(docs, "Deployment", "vae-api"))
+    deployment["spec"]["replicas"] = 1
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    container["image"] = f"localhost/{API}"
+    manifest = podman.workdir / "deployment.yaml"
+    manifest.write_text(yaml.safe_dump(deployment))
+    podman("kube", "down", str(manifest), check=False)
+    started = time.monotonic()
+    played = podman("kube", "play", str(manifest))
+    try:
+        [pod] = [line.split()[-1] for line in played.stdout.splitlines() if line.startswith("Pod:")] or [
+            podman("pod", "ps", "--quiet", "--filter", "name=vae-api").stdout.split()[0]
+        ]
+        [name] = podman(
+            "ps", "--filter", f"pod={pod}", "--filter", "name=api", "--format", "{{.Names}}"
+        ).stdout.split()
+        infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", pod).stdout.strip()
+        address = podman("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                         infra).stdout.strip()  # fmt: skip
+        assert address, "the pod has no address on Podman's network"
+        url = f"http://{address}:{container['ports'][0]['containerPort']}"
+        ready = wait_ready(url)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            sample = http.post("/sample", json={"n": 2, "seed": 5})
+            assert sample.status_code == 200 and len(sample.json()["images"]) == 2
+            assert http.get(container["livenessProbe"]["httpGet"]["path"]).status_code == 200
+        assert podman("exec", name, "id", "-u").stdout.strip() == UID
+        assert podman("exec", name, "touch", "/app/x", check=False).returncode != 0, (
+            "root file system writable"
+        )
+        capabilities = podman("exec", name, "grep", "CapEff", "/proc/1/status").stdout.split()[-1]
+        assert int(capabilities, 16) == 0, f"capabilities left: {capabilities}"
+    finally:
+        podman("kube", "down", str(manifest), check=False)
+    figures["kube_play"] = {
+        "play_to_ready_seconds": round(time.monotonic() - started - 0, 1),
+        "ready_seconds": round(ready, 2),
+    }
     save_figures()

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,9 @@ BASE_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates"
 BASE_RECIPE = f"debootstrap --variant=minbase --include={BASE_PACKAGES} bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 TORCH = "torch==2.13.0"
+# The index's address is a build argument, part of the build cache's key: the same port every
+# run keeps the layers after it cached on one machine (another port only costs a full build).
+INDEX_PORT = 38741
 
 
 def unavailable(reason: str) -> None:
@@ -185,6 +189,15 @@ def can_start_containers(podman: Engine, image: str) -> None:
         unavailable(f"podman cannot start a container here: {probe.stderr.strip().splitlines()[-1:]}")
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @contextmanager
 def torch_index(workdir: Path) -> Iterator[str]:
     """A package index on loopback holding torch==2.13.0 and its dependencies, as this
@@ -193,7 +206,7 @@ def torch_index(workdir: Path) -> Iterator[str]:
     wheels.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:"]
     run([*pip, "--dest", str(wheels), TORCH], timeout=900)
-    port = free_port()
+    port = INDEX_PORT if port_is_free(INDEX_PORT) else free_port()
     server = subprocess.Popen(
         [
             str(BIN / "pypi-server"),

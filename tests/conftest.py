@@ -118,12 +118,18 @@ def tiny(tiny_store: Path) -> Direct:
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
-    """The container tests go last, and their images start building now, in the background
-    at idle priority, while the other tests run (tests/container_support.py)."""
+    """The container tests go last: their images build in the background meanwhile."""
     containers = [item for item in items if item.get_closest_marker("containers")]
-    if not containers or config.option.collectonly:
-        return
     items[:] = [item for item in items if not item.get_closest_marker("containers")] + containers
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Once -m and -k have deselected what they do: if container tests remain, their images
+    start building now, in the background at idle priority, while the other tests run
+    (tests/container_support.py)."""
+    wanted = any(item.get_closest_marker("containers") for item in session.items)
+    if session.config.option.collectonly or not wanted:
+        return
     # The name the test modules import it by (tests/ is on sys.path): one module, one build.
     from container_support import start_prebuild
 

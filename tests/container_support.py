@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -253,8 +253,7 @@ class Built:
     size: int
 
 
-def build(podman: Engine, target: str, tag: str, base: str, index_url: str, context: Path = ROOT,
-          dockerfile: Path | None = None) -> Built:  # fmt: skip
+def build(podman: Engine, target: str, tag: str, base: str, index_url: str, context: Path = ROOT) -> Built:
     """`podman build` of one target of the real Dockerfile, as a Docker-format image (the OCI
     format has no HEALTHCHECK)."""
     argv = ["build", "--format", "docker", "--network", "host", "--tag", tag]
@@ -264,8 +263,6 @@ def build(podman: Engine, target: str, tag: str, base: str, index_url: str, cont
         argv += ["--volume", "/etc/ssl/certs:/etc/ssl/certs:ro"]
     if target:
         argv += ["--target", target]
-    if dockerfile is not None:
-        argv += ["--file", str(dockerfile)]
     start = time.monotonic()
     podman(*argv, str(context), timeout=1500)
     return Built(tag, time.monotonic() - start, podman.image_size(tag))
@@ -308,7 +305,12 @@ def compose_binary() -> str:
 
 # ---------------------------------------------------------------------------- the builds
 
-IMAGES = {"api": "vae-service:test", "trainer": "vae-service-trainer:test", "balancer": "vae-balancer:test"}
+TAG = "test"  # VAE_TAG for the compose files
+IMAGES = {
+    "api": f"vae-service:{TAG}",
+    "trainer": f"vae-service-trainer:{TAG}",
+    "balancer": f"vae-balancer:{TAG}",
+}
 
 
 class Prebuild:
@@ -324,15 +326,15 @@ class Prebuild:
         self.workdir = Path(tempfile.mkdtemp(prefix="vae-ctr-"))
         self.workdir.chmod(0o755)
         self.built: dict[str, Built] = {}
+        self.engine: Engine | None = None
         self.error: BaseException | None = None
-        self.started = time.monotonic()
         self._thread = threading.Thread(target=self._build, name="image-prebuild", daemon=True)
         self._thread.start()
 
     def _build(self) -> None:
         try:
-            podman = engine(self.workdir)
-            podman.prefix = ["nice", "-n", "19"]
+            self.engine = engine(self.workdir)
+            podman = replace(self.engine, prefix=["nice", "-n", "19"])
             base = base_image(podman)
             can_start_containers(podman, base)
             with torch_index(self.workdir, podman.prefix) as index:
@@ -349,6 +351,11 @@ class Prebuild:
         if self.error is not None:
             raise self.error
         return self.built
+
+    def podman(self) -> Engine:
+        """The engine the builds used, at normal priority, for the tests (after wait())."""
+        assert self.engine is not None
+        return self.engine
 
 
 _prebuild: Prebuild | None = None

@@ -210,13 +210,22 @@ def served_variables() -> set[str]:
     return names
 
 
-def trained_variables() -> set[str]:
-    """Every VAE_* variable vae-train reads."""
+def _train_parameters() -> list[Any]:
     import typer
 
     from trainer.cli import app as train_app
 
-    return {p.envvar for p in typer.main.get_command(train_app).params if isinstance(p.envvar, str)}
+    return typer.main.get_command(train_app).params
+
+
+def trained_variables() -> set[str]:
+    """Every VAE_* variable vae-train reads."""
+    return {p.envvar for p in _train_parameters() if isinstance(p.envvar, str)}
+
+
+def trainer_options() -> set[str]:
+    """Every --option of vae-train."""
+    return {o for p in _train_parameters() for o in [*p.opts, *p.secondary_opts]}
 
 
 def image_uid() -> int:

@@ -8,6 +8,7 @@ into README.md between its markers."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def table(items: list[Row]) -> str:
 
 
 LONG_RUN = "(make fuzz)"  # the suffix of rows from the long fuzzing run, a session of its own
+
+
+def long_run(variable: str) -> str:
+    """The suffix that keeps the long run's rows beside CI's: `make fuzz` sets `variable`."""
+    return f" {LONG_RUN}" if os.environ.get(variable) else ""
 
 
 def write_outputs() -> None:

@@ -25,16 +25,16 @@ import yaml
 from container_support import (
     IMAGES,
     ROOT,
+    TAG,
     Built,
     Compose,
     Engine,
     compose_binary,
-    engine,
     prebuilt,
 )
 from datasets import write_dataset
-from deploy_files import one, render
-from process_support import BackgroundClients, free_port
+from deploy_files import image_uid, one, render
+from process_support import BackgroundClients, free_port, metric
 from service_support import b64, drawn_digit, encoded, png
 
 from tests import reliability
@@ -42,8 +42,7 @@ from tests.conftest import HAS_MNIST, MNIST_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.containers]
 
-UID = "10001"
-TAG = "test"
+UID = str(image_uid())
 API, TRAINER, BALANCER = IMAGES["api"], IMAGES["trainer"], IMAGES["balancer"]
 OUTPUT = ROOT / "tests" / "output" / "images.json"
 # What the serving image must not hold: plotting, progress bars, test tools, compilers.
@@ -90,7 +89,7 @@ def images() -> dict[str, Built]:
 
 @pytest.fixture(scope="module")
 def podman(images: dict[str, Built]) -> Iterator[Engine]:
-    found = engine(prebuilt().workdir)
+    found = prebuilt().podman()
     found.start_docker_api()
     yield found
     found.close()
@@ -139,6 +138,17 @@ def wait_ready(url: str, timeout: float = 120) -> float:
             pass
         assert time.monotonic() - start < timeout, f"{url} not ready after {timeout:.0f} s"
         time.sleep(0.1)
+
+
+def assert_hardened(podman: Engine, container: str) -> None:
+    """The compose file's hardening, seen from inside: the image's user, a read-only root file
+    system (the store directory belongs to that user: only the read-only mount stops a write),
+    no effective capabilities."""
+    assert podman("exec", container, "id", "-u").stdout.strip() == UID
+    written = podman("exec", container, "touch", "/app/model_store/x", check=False)
+    assert written.returncode != 0, "root fs writable"
+    capabilities = podman("exec", container, "grep", "CapEff", "/proc/1/status").stdout.split()[-1]
+    assert int(capabilities, 16) == 0, f"capabilities left: {capabilities}"
 
 
 def served_versions(url: str) -> dict[str, str]:
@@ -240,12 +250,7 @@ def test_the_api_image_serves_every_endpoint_hardened(podman: Engine, images: di
             assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         healthy_after = podman.check_health(name)
         assert podman.health(name) == "healthy"
-        assert podman("exec", name, "id", "-u").stdout.strip() == UID
-        assert podman("exec", name, "touch", "/app/model_store/x", check=False).returncode != 0, (
-            "root fs writable"
-        )
-        capabilities = podman("exec", name, "grep", "CapEff", "/proc/1/status").stdout.split()[-1]
-        assert int(capabilities, 16) == 0, f"capabilities left: {capabilities}"
+        assert_hardened(podman, name)
         stopping = time.monotonic()
         podman("stop", "--time", "40", name)
         stopped = time.monotonic() - stopping
@@ -365,7 +370,7 @@ def down_with_requests_in_flight(compose: Compose, url: str, requests: int = 8) 
     deadline = time.monotonic() + 60
     while True:  # accepted = in flight (less this /metrics) or answered
         text = httpx.get(f"{url}/metrics", timeout=10).text
-        in_flight = float(re.search(r"^vae_http_requests_in_flight (\S+)$", text, re.M).group(1)) - 1
+        in_flight = metric(text, "vae_http_requests_in_flight") - 1
         if in_flight + len(answers) >= requests:
             break
         assert time.monotonic() < deadline, f"only {in_flight + len(answers)} of {requests} accepted"
@@ -388,8 +393,8 @@ def scaled(podman: Engine, images: dict[str, Built]) -> Iterator[Compose]:
     )  # fmt: skip
 
 
-def balancer_log(podman: Engine, container: str) -> tuple[int, int, list[str]]:
-    """(requests, retries, lines) from HAProxy's httplog lines, excluding /readyz probes."""
+def balancer_log(podman: Engine, container: str) -> tuple[int, int]:
+    """(requests, retries) from HAProxy's httplog lines of /sample requests."""
     log = podman("logs", container, check=False)
     lines = [line for line in (log.stdout + log.stderr).splitlines() if '"POST /sample' in line]
     retries = 0
@@ -397,7 +402,7 @@ def balancer_log(podman: Engine, container: str) -> tuple[int, int, list[str]]:
         # ... status bytes - - ---- actconn/feconn/beconn/srv_conn/retries queues "request"
         counts = re.search(r" [-\w]{4} \d+/\d+/\d+/\d+/\+?(\d+) ", line)
         retries += int(counts.group(1)) if counts else 0
-    return len(lines), retries, lines
+    return len(lines), retries
 
 
 def test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_replica(
@@ -431,7 +436,7 @@ def test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_rep
             time.sleep(2.5)
         rolling.wait_for(rolling.requests + 20)
     restart_seconds = time.monotonic() - restart_started
-    _, rolled_retries, _ = balancer_log(podman, lb)
+    _, rolled_retries = balancer_log(podman, lb)
     assert rolling.failures == 0, rolling.errors[:5]
     row(
         "rolling restart of 2 replicas behind HAProxy (`podman restart -t 40`, one at a time) under a "
@@ -447,7 +452,7 @@ def test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_rep
         podman("kill", "--signal", "KILL", replicas[0])
         time.sleep(5)
         killed.wait_for(killed.requests + 20)
-    total, retries, _ = balancer_log(podman, lb)
+    total, retries = balancer_log(podman, lb)
     log = podman("logs", lb, check=False)
     assert re.search(r"Server replicas/api\d+ is DOWN", log.stdout + log.stderr), (
         "the balancer never saw it go"
@@ -503,12 +508,7 @@ def test_the_kubernetes_deployment_runs_with_podman_kube_play(
             sample = http.post("/sample", json={"n": 2, "seed": 5})
             assert sample.status_code == 200 and len(sample.json()["images"]) == 2
             assert http.get(container["livenessProbe"]["httpGet"]["path"]).status_code == 200
-        assert podman("exec", name, "id", "-u").stdout.strip() == UID
-        assert podman("exec", name, "touch", "/app/x", check=False).returncode != 0, (
-            "root file system writable"
-        )
-        capabilities = podman("exec", name, "grep", "CapEff", "/proc/1/status").stdout.split()[-1]
-        assert int(capabilities, 16) == 0, f"capabilities left: {capabilities}"
+        assert_hardened(podman, name)
         total = time.monotonic() - started
     finally:
         podman("kube", "down", str(manifest), check=False)

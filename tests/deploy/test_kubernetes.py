@@ -19,6 +19,7 @@ from deploy_files import (
     stage_env,
     stages,
     trained_variables,
+    trainer_options,
 )
 from service_support import InProcess
 
@@ -178,11 +179,7 @@ def test_the_volume_overlay_seeds_trains_and_mounts_the_store_read_only() -> Non
     unknown = {n for n in env_of(container) if n.startswith("VAE_")} - trained_variables()
     assert not unknown, f"the trainer Job sets {sorted(unknown)}, which vae-train does not read"
     options = {a for a in container["args"] if a.startswith("--")}
-    from typer.main import get_command
-
-    from trainer.cli import app
-
-    known = {o for p in get_command(app).params for o in [*p.opts, *p.secondary_opts]}
+    known = trainer_options()
     assert options <= known, f"vae-train has no {sorted(options - known)}"
 
     seed = one(docs, "Job", "vae-models-seed")

@@ -49,7 +49,8 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
-from tests.reliability import LONG_RUN, record
+from tests.reliability import long_run as reliability_long_run
+from tests.reliability import record
 from tests.service_support import InProcess, b64, make_settings
 
 FUZZ_EXAMPLES_DEFAULT = 15
@@ -320,8 +321,7 @@ def schemas(tiny_store: Path) -> Iterator[Callable[[bool], Any]]:
 
 
 def long_run() -> str:
-    """The suffix that keeps the long run's rows beside CI's in the README (tests/reliability.py)."""
-    return f" {LONG_RUN}" if os.environ.get("FUZZ_EXAMPLES") else ""
+    return reliability_long_run("FUZZ_EXAMPLES")
 
 
 def how_many() -> str:

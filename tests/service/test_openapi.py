@@ -21,7 +21,7 @@ from process_support import Served, clean_env, serve
 
 from service.app import create_app
 from tests.conftest import ROOT, SHIPPED_STORE
-from tests.reliability import LONG_RUN, record
+from tests.reliability import long_run, record
 from tests.service_support import make_settings
 
 API_KEY = "openapi-key-0123456789"
@@ -133,6 +133,5 @@ def test_schemathesis_with_every_check_finds_nothing(
         "server, shipped models",
         int(summary.group(1)),
         "no findings",
-        "test_openapi.py::test_schemathesis_with_every_check_finds_nothing"
-        + (f" {LONG_RUN}" if os.environ.get("OPENAPI_EXAMPLES") else ""),
+        "test_openapi.py::test_schemathesis_with_every_check_finds_nothing" + long_run("OPENAPI_EXAMPLES"),
     )

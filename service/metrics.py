@@ -58,6 +58,13 @@ class Metrics:
         )
         # Micro-batching (service.model.batching): how many requests share a pass, how many rows
         # wait, and how many requests were turned away with 503 because the queue was full.
+        self.padding_rows = Counter(
+            "vae_model_padding_rows_total",
+            "Zero rows added to passes to reach a shape at which every row comes out exactly as "
+            "alone (VAE_BATCH_EXACT; the work wasted on them, against vae_model_batch_size_sum).",
+            ["model", "op"],
+            registry=r,
+        )
         self.batch_requests = Histogram(
             "vae_model_batch_requests",
             "Requests merged into one model call.",

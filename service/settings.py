@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -72,8 +72,16 @@ class Settings(BaseSettings):
     )
     batch_exact: bool = Field(
         True,
-        description="Run every forward pass with exactly batch_max_size rows (zero-padded), so that "
-        "results are bit-for-bit the same whichever requests share a batch.",
+        description="Run every forward pass at a shape where each row comes out bit for bit as it "
+        "would alone (zero-padded up to it), so that results are the same whichever requests share "
+        "a batch.",
+    )
+    batch_pass_sizes: Literal["calibrated", "fixed"] = Field(
+        "calibrated",
+        description="With batch_exact, which pass shapes: `calibrated`, the row counts that the "
+        "model, measured at startup on this device, computes bit for bit as in a pass of "
+        "batch_max_size rows (a pass is padded to the next one); `fixed`, every pass "
+        "batch_max_size rows (the scheme before calibration, twice the CPU at half-full batches).",
     )
     queue_max: int = Field(
         2048,

@@ -9,14 +9,19 @@ come), runs them through the model in one call on that thread, and hands every r
 own rows back.
 
 - **Exact results** (`exact`, the default). CPU kernels compute a row differently, in the
-  last bits, depending on how many rows share the call (matrix-vector below 2 rows,
-  different blocking and thread splits above; measured in docs/performance.md). Left alone,
-  the same seed would give images that differ by ~1e-7 depending on which requests it was
-  batched with. In exact mode every forward pass has the same shape, `max_size` rows: the
-  batch is padded with zero rows and larger ones run as several passes. A row's output then
-  depends on that row alone, so batched, unbatched and repeated requests agree bit for bit.
-  The same fixed shape also keeps TorchScript from re-optimising its graph for every new
-  batch size, which costs a stall of tens of milliseconds to seconds each time.
+  last bits, depending on how many rows share the call (matrix-vector for one row, other
+  blockings and vector widths for others; which counts differ depends on the CPU, measured
+  in docs/performance.md). Left alone, the same seed would give images that differ by ~1e-7
+  depending on which requests it was batched with. In exact mode every pass runs at a row
+  count where each row comes out bit for bit as in a pass of `max_size` rows, wherever it
+  sits: the batch is padded with zero rows up to the next such count, and larger batches
+  run as several passes. `calibrate` finds those counts for each model and operation when
+  the model is warmed up, on the device and thread settings it serves with (on the
+  project's 2-core VM: every even count from 4 for decode, every count from 4 for encode);
+  with `pass_sizes="fixed"`, or for a runtime that is not calibrated, every pass has
+  `max_size` rows. A row's output then depends on that row alone, so batched, unbatched and
+  repeated requests agree bit for bit. The warm-up also runs every one of those shapes, so
+  TorchScript's per-shape optimisation never lands on a client's request.
 - **Failure isolation.** Inputs are validated before they are queued. If the merged pass
   still raises (a model bug, out of memory), each request of the batch is retried on its
   own, so only the requests whose rows fail get the error.
@@ -35,11 +40,12 @@ own rows back.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Literal
@@ -74,7 +80,12 @@ class BatchPolicy:
     max_size: int = 32  # rows per forward pass
     max_wait: float = 0.0  # seconds to wait for more rows once a thread is free
     queue_max: int = 2048  # rows waiting per (model, op) before 503
-    exact: bool = True  # every pass exactly max_size rows (padded): results independent of batching
+    exact: bool = True  # passes padded to a calibrated row count: results independent of batching
+    pass_sizes: Literal["calibrated", "fixed"] = "calibrated"  # "fixed": every pass max_size rows
+
+
+# For each op, the row counts a pass may have in exact mode, ascending, max_size last.
+PassSizes = Mapping[Op, tuple[int, ...]]
 
 
 def forward(model: ModelRuntime, op: Op, x: np.ndarray) -> Outputs:
@@ -90,28 +101,44 @@ class Abandoned(Exception):
     """Every request of a batch gave up (VAE_REQUEST_TIMEOUT_S) before its passes were done."""
 
 
+def pass_rows(rows: int, sizes: Sequence[int]) -> int:
+    """The row count of the pass that carries `rows` rows: the smallest allowed size that
+    holds them (sizes ascending; rows at most the last one)."""
+    return sizes[bisect.bisect_left(sizes, rows)]
+
+
+def padding_rows(rows: int, policy: BatchPolicy, sizes: Sequence[int] = ()) -> int:
+    """How many zero rows forward_rows adds to compute `rows` rows."""
+    rest = rows % policy.max_size
+    return pass_rows(rest, sizes or (policy.max_size,)) - rest if policy.exact and rest else 0
+
+
 def forward_rows(
     model: ModelRuntime,
     op: Op,
     x: np.ndarray,
     policy: BatchPolicy,
     abandoned: Callable[[], bool] | None = None,
+    sizes: Sequence[int] = (),
 ) -> Outputs:
-    """The model on x, in passes of at most max_size rows; in exact mode every pass has
-    exactly max_size rows (the last one padded with zeros, its padding dropped). Raises
-    Abandoned between passes once `abandoned()` says nobody waits for the result: a pass
-    cannot be interrupted, but the passes left of a large request need not run for nobody."""
+    """The model on x, in passes of at most max_size rows; in exact mode every pass has one
+    of `sizes` rows (ascending; max_size alone when empty), the rows padded with zeros up to
+    it and the padding dropped. Raises Abandoned between passes once `abandoned()` says
+    nobody waits for the result: a pass cannot be interrupted, but the passes left of a
+    large request need not run for nobody."""
     size = policy.max_size
     if len(x) <= size and not policy.exact:
         return forward(model, op, x)
+    allowed = sizes or (size,)
     parts: list[Outputs] = []
     for start in range(0, len(x), size):
         if abandoned is not None and abandoned():
             raise Abandoned
         chunk = x[start : start + size]
         rows = len(chunk)
-        if policy.exact and rows < size:
-            padded = np.zeros((size, *x.shape[1:]), dtype=x.dtype)
+        shape = pass_rows(rows, allowed) if policy.exact else rows
+        if shape > rows:
+            padded = np.zeros((shape, *x.shape[1:]), dtype=x.dtype)
             padded[:rows] = chunk
             chunk = padded
         parts.append(tuple(out[:rows] for out in forward(model, op, chunk)))
@@ -138,7 +165,7 @@ class Batcher:
         executor: Executor,
         slots: asyncio.Semaphore,
         metrics: Metrics,
-        warmed: weakref.WeakSet[ModelRuntime] | None = None,
+        calibrated: weakref.WeakKeyDictionary[ModelRuntime, PassSizes] | None = None,
     ) -> None:
         # Weak: a model replaced by a reload must be freed once its last request is served;
         # queued requests hold it strongly until then.
@@ -148,7 +175,8 @@ class Batcher:
         self.policy = policy
         self._executor = executor
         self._slots = slots  # one per inference thread, shared by every Batcher of the pool
-        self._warmed = warmed  # models already run at the batch shape (None: do not warm up here)
+        # Warmed-up models' pass sizes (None: do not warm up here; every pass max_size rows)
+        self._calibrated = calibrated
         self._queue: deque[_Item] = deque()
         self.queued_rows = 0
         self._drainer: asyncio.Task[None] | None = None
@@ -158,6 +186,7 @@ class Batcher:
         # Labelled children looked up once: .labels() takes a lock and a dict lookup per call.
         self._m_batch_rows = metrics.batch_size.labels(model.name, op)
         self._m_batch_requests = metrics.batch_requests.labels(model.name, op)
+        self._m_padding = metrics.padding_rows.labels(model.name, op)
         self._m_queue_wait = metrics.queue_wait.labels(model.name, op)
         self._m_inference = metrics.inference.labels(model.name, op)
         self._m_queued = metrics.queued_rows.labels(model.name, op)
@@ -320,16 +349,13 @@ class Batcher:
         if model is None:  # cannot happen while requests hold it; said plainly if it ever does
             error = RuntimeError(f"model {self.name} was unloaded while requests for it were queued")
             return [error] * len(batch)
-        if self._warmed is not None and model not in self._warmed and needs_warm_up(model):
-            # A model that did not go through Inference.warm_up (loaded by a reload): its
-            # first batch pays the warm-up, once, rather than every new shape a stall.
-            self._warmed.add(model)
-            warm_up_rows(model, self.policy)
+        sizes = self._pass_sizes(model)
         x = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
         self._m_batch_rows.observe(len(x))
         self._m_batch_requests.observe(len(batch))
+        self._m_padding.inc(padding_rows(len(x), self.policy, sizes))
         try:
-            outputs = forward_rows(model, self.op, x, self.policy, lambda: _all_done(batch))
+            outputs = forward_rows(model, self.op, x, self.policy, lambda: _all_done(batch), sizes)
         except Abandoned:
             return [asyncio.CancelledError()] * len(batch)  # not delivered: every future is done
         except Exception as exc:
@@ -347,10 +373,25 @@ class Batcher:
             return [self._alone(model, item) for item in batch]
         finally:
             self._m_inference.observe(time.perf_counter() - started)
-        # NaN or infinity is looked for per request, after the split: a request whose rows
-        # are all finite gets its answer whatever the others' rows held (service.model.faults).
         parts = _split(outputs, [len(item.x) for item in batch])
+        # NaN or infinity is looked for in the whole pass at once (a few numpy calls rather
+        # than a few per request); only when there is some, per request: a request whose
+        # rows are all finite gets its answer whatever the others' rows held.
+        if all(np.isfinite(out).all() for out in outputs):
+            return list(parts)
         return [self._finite(model, part) for part in parts]
+
+    def _pass_sizes(self, model: ModelRuntime) -> tuple[int, ...]:
+        if self._calibrated is None or not needs_warm_up(model):
+            return ()
+        sizes = self._calibrated.get(model)
+        if sizes is None:
+            # A model that did not go through Inference.warm_up (loaded by a reload): its
+            # first batch pays the warm-up and calibration, once, rather than every new
+            # shape a stall.
+            sizes, _seconds = warm_up_rows(model, self.policy)
+            self._calibrated[model] = sizes
+        return sizes.get(self.op, ())
 
     def _finite(self, model: ModelRuntime, outputs: Result) -> Result:
         if isinstance(outputs, BaseException):
@@ -359,7 +400,9 @@ class Batcher:
 
     def _alone(self, model: ModelRuntime, item: _Item) -> Result:
         try:
-            outputs = forward_rows(model, self.op, item.x, self.policy, item.future.done)
+            outputs = forward_rows(
+                model, self.op, item.x, self.policy, item.future.done, self._pass_sizes(model)
+            )
         except Abandoned as exc:  # its future is done: nothing is delivered, nothing failed
             return exc
         except Exception as exc:
@@ -410,7 +453,7 @@ class Batchers:
         self._metrics = metrics
         self._threads = threads
         self._slots: asyncio.Semaphore | None = None  # made on the event loop, at first use
-        self.warmed: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()
+        self.calibrated: weakref.WeakKeyDictionary[ModelRuntime, PassSizes] = weakref.WeakKeyDictionary()
         self._by_model: weakref.WeakKeyDictionary[ModelRuntime, dict[Op, Batcher]] = (
             weakref.WeakKeyDictionary()
         )
@@ -424,7 +467,7 @@ class Batchers:
             if self._slots is None:
                 self._slots = asyncio.Semaphore(self._threads)
             batcher = ops[op] = Batcher(
-                model, op, self.policy, self._executor, self._slots, self._metrics, self.warmed
+                model, op, self.policy, self._executor, self._slots, self._metrics, self.calibrated
             )
         return batcher
 
@@ -437,22 +480,78 @@ class Batchers:
 
 
 def needs_warm_up(model: ModelRuntime) -> bool:
-    """TorchScript optimises per input shape on first use; other runtimes (test doubles) need
-    no warm-up."""
+    """TorchScript optimises per input shape on first use, and its kernels are what
+    calibration measures; other runtimes (test doubles) need neither."""
     return isinstance(model, TorchScriptRuntime)
 
 
-def warm_up_rows(model: ModelRuntime, policy: BatchPolicy, runs: int = 3) -> float:
-    """Runs every op at the shape exact mode uses, a few times: TorchScript's profiling
-    executor optimises a graph for a shape only after it has run it, and that first
-    optimisation (tens of ms here, much more on a loaded machine) must not land on a
-    client's request. Returns the seconds it took."""
+def candidate_sizes(max_size: int) -> list[int]:
+    """The row counts calibration tries below max_size: every count up to 32, then every
+    eighth (a few hundred passes of calibration would slow startup for little)."""
+    return [k for k in range(1, max_size) if k <= 32 or k % 8 == 0]
+
+
+def _probe(model: ModelRuntime, op: Op, rows: int) -> np.ndarray:
+    """Calibration's inputs: distinct rows like real ones (images in [0, 1], latents and
+    noise from N(0, 1)), the same every time."""
+    rng = np.random.default_rng(20261202)
+    if op == "encode":
+        return rng.random((rows, 28, 28), dtype=np.float32)
+    return rng.standard_normal((rows, model.latent_dim), dtype=np.float32)
+
+
+def _same(a: Outputs, b: Outputs) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def calibrate(model: ModelRuntime, op: Op, max_size: int) -> tuple[int, ...]:
+    """The row counts at which every row of a pass comes out bit for bit as it does in a pass
+    of max_size rows, wherever it sits in either: a pass of k rows is compared at both ends
+    of a max_size-row reference (rows 0..k-1, and the last k rows moved to the front). The
+    answer is the kernels' (which algorithm, blocking and vector width they pick for k rows on
+    this device with these thread settings), not the inputs', so one probe settles it; the
+    runs also warm TorchScript up at every shape kept. Ascending, max_size last."""
+    probe = _probe(model, op, max_size)
+    reference = forward(model, op, probe)
+    if not _same(
+        forward(model, op, np.roll(probe, 1, axis=0)), tuple(np.roll(r, 1, axis=0) for r in reference)
+    ):
+        log.warning(
+            "model %s: a row's %s result depends on its position in a %d-row pass on this device; "
+            "batched results may differ from unbatched ones in the last bits (VAE_BATCH_EXACT)",
+            model.name,
+            op,
+            max_size,
+        )
+    sizes = [
+        k
+        for k in candidate_sizes(max_size)
+        if all(
+            _same(
+                forward(model, op, probe[start : start + k]), tuple(r[start : start + k] for r in reference)
+            )
+            for start in (0, max_size - k)
+        )
+    ]
+    return (*sizes, max_size)
+
+
+def warm_up_rows(model: ModelRuntime, policy: BatchPolicy, runs: int = 3) -> tuple[PassSizes, float]:
+    """Calibrates the pass sizes of every op (exact mode, `calibrated`), then runs each op at
+    each of its shapes, `runs` times in all: TorchScript's profiling executor optimises a
+    graph for a shape only after it has run it, and that first optimisation (a few ms here,
+    much more on a loaded machine) must not land on a client's request. Returns the sizes
+    (empty where every pass has max_size rows) and the seconds it took."""
     started = time.perf_counter()
-    x = np.zeros((policy.max_size, 28, 28), np.float32)
-    learned = LEARNED_PRIOR in model.priors
-    for _ in range(runs):
-        mu, _sigma = forward_rows(model, "encode", x, policy)
-        forward_rows(model, "decode", mu, policy)
-        if learned:
-            forward_rows(model, "sample", mu, policy)
-    return time.perf_counter() - started
+    ops: list[Op] = ["encode", "decode", *(["sample"] if LEARNED_PRIOR in model.priors else [])]
+    sizes: dict[Op, tuple[int, ...]] = {}
+    calibrating = policy.exact and policy.pass_sizes == "calibrated"
+    for op in ops:
+        shapes = calibrate(model, op, policy.max_size) if calibrating else (policy.max_size,)
+        if calibrating:
+            sizes[op] = shapes
+        # calibrate ran each kept shape twice (max_size three times) already
+        for _ in range(runs - 2 if calibrating else runs):
+            for rows in shapes:
+                forward(model, op, _probe(model, op, rows))
+    return sizes, time.perf_counter() - started

@@ -76,6 +76,7 @@ class Inference:
                 max_wait=settings.batch_max_wait_ms / 1000.0,
                 queue_max=settings.queue_max,
                 exact=settings.batch_exact,
+                pass_sizes=settings.batch_pass_sizes,
             )
             if settings.batching
             else None
@@ -164,21 +165,28 @@ class Inference:
         return u, z, images
 
     async def warm_up(self, models: list[ModelRuntime]) -> None:
-        """Runs each model at the batch shape before it serves (see batching.warm_up_rows),
-        at startup and for a reload's new versions. Raises what the model raises."""
+        """Calibrates each model's pass sizes and runs it at every one of them before it
+        serves (see batching.warm_up_rows), at startup and for a reload's new versions.
+        Raises what the model raises."""
         if self._batchers is None or self.batching is None:
             return
         loop = asyncio.get_running_loop()
         for model in filter(needs_warm_up, models):
-            seconds = await loop.run_in_executor(self._pool, warm_up_rows, model, self.batching)
-            self._batchers.warmed.add(model)
-            log.info(
-                "model %s %s warmed up at the batch shape (%d rows) in %.2f s",
-                model.name,
-                model.version,
-                self.batching.max_size,
-                seconds,
+            sizes, seconds = await loop.run_in_executor(self._pool, warm_up_rows, model, self.batching)
+            self._batchers.calibrated[model] = sizes
+            shapes = "; ".join(f"{op} {_ranges(rows)}" for op, rows in sizes.items()) or (
+                f"{self.batching.max_size} rows for every pass"
             )
+            log.info(
+                "model %s %s warmed up in %.2f s; pass sizes: %s", model.name, model.version, seconds, shapes
+            )
+
+    def pass_sizes(self, model: ModelRuntime) -> dict[str, tuple[int, ...]]:
+        """The row counts a pass of this model may have, per op, as calibrated at its warm-up;
+        empty when every pass has the batch size's rows (or batching is off)."""
+        if self._batchers is None:
+            return {}
+        return dict(self._batchers.calibrated.get(model, {}))
 
     async def aclose(self) -> None:
         """Lets queued and running calls finish, then stops the threads."""
@@ -188,3 +196,17 @@ class Inference:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ranges(sizes: tuple[int, ...]) -> str:
+    """4, 6, 8, 9, 10, 11, 32 -> "4, 6, 8-11, 32": a log line that fits on a screen."""
+    parts: list[str] = []
+    start = previous = sizes[0]
+    for size in (*sizes[1:], None):
+        if size is not None and size == previous + 1:
+            previous = size
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if size is not None:
+            start = previous = size
+    return ", ".join(parts)

@@ -27,7 +27,16 @@ from service import artifact
 from service.api.images import to_uint8
 from service.app import create_app
 from service.metrics import Metrics
-from service.model.batching import Batcher, BatchPolicy, forward_rows
+from service.model.batching import (
+    Batcher,
+    BatchPolicy,
+    calibrate,
+    candidate_sizes,
+    forward_rows,
+    padding_rows,
+    pass_rows,
+    warm_up_rows,
+)
 from service.model.runtime import ModelRegistry, TorchScriptRuntime
 
 # Long enough that requests sent together are merged into one pass even on a loaded machine.
@@ -88,25 +97,90 @@ def metric(text: str, name: str, **labels: str) -> float:
 # ---------------------------------------------------------------------------- exactness
 
 
-def test_exact_mode_makes_a_rows_output_independent_of_its_batch(tiny_store: Path) -> None:
-    """The premise of exact mode: at one fixed shape, a row's output depends on that row
-    only, wherever it sits in the pass and whatever shares it."""
-    runtime = TorchScriptRuntime.load(artifact.resolve(tiny_store, "tiny"), torch.device("cpu"))
+@pytest.fixture(scope="module")
+def tiny_runtime(tiny_store: Path) -> TorchScriptRuntime:
+    return TorchScriptRuntime.load(artifact.resolve(tiny_store, "tiny"), torch.device("cpu"))
+
+
+def test_calibrated_pass_sizes_keep_every_rows_output_independent_of_its_batch(
+    tiny_runtime: TorchScriptRuntime,
+) -> None:
+    """The premise of exact mode, at every pass size calibration keeps: a row's output is the
+    same alone as in any merged pass, wherever it sits in it and whatever shares it."""
     policy = BatchPolicy(max_size=16, exact=True)
+    sizes, _seconds = warm_up_rows(tiny_runtime, policy)
+    assert set(sizes) == {"encode", "decode"}  # tiny has no learned prior
     rng = np.random.default_rng(0)
     z = rng.normal(size=(40, 8)).astype(np.float32)
     x = rng.random((40, 28, 28), dtype=np.float32)
-    (alone,) = forward_rows(runtime, "decode", z[:1], policy)
-    mu_alone, sigma_alone = forward_rows(runtime, "encode", x[:1], policy)
-    for others in (z[1:5], z[1:16], z[5:39], rng.normal(size=(20, 8)).astype(np.float32)):
-        for where in (0, len(others) // 2, len(others)):
-            batch = np.insert(others, where, z[0], axis=0)
-            (images,) = forward_rows(runtime, "decode", batch, policy)
-            np.testing.assert_array_equal(images[where], alone[0])
-    for where in (0, 7, 20, 39):
-        mu, sigma = forward_rows(runtime, "encode", np.insert(x[1:], where, x[0], axis=0), policy)
-        np.testing.assert_array_equal(mu[where], mu_alone[0])
-        np.testing.assert_array_equal(sigma[where], sigma_alone[0])
+    (alone,) = forward_rows(tiny_runtime, "decode", z[:1], policy, sizes=sizes["decode"])
+    mu_alone, sigma_alone = forward_rows(tiny_runtime, "encode", x[:1], policy, sizes=sizes["encode"])
+    for op, shapes in sizes.items():
+        assert list(shapes) == sorted(set(shapes)) and shapes[-1] == policy.max_size, (op, shapes)
+    # Every row count a merged pass can carry, so every calibrated size (and the chunking of
+    # requests larger than max_size) is used; the lone row at the start, middle and end.
+    for total in range(1, 41):
+        others = rng.normal(size=(total - 1, 8)).astype(np.float32)
+        images = rng.random((total - 1, 28, 28), dtype=np.float32)
+        for where in {0, (total - 1) // 2, total - 1}:
+            (decoded,) = forward_rows(
+                tiny_runtime, "decode", np.insert(others, where, z[0], axis=0), policy, sizes=sizes["decode"]
+            )
+            np.testing.assert_array_equal(decoded[where], alone[0], err_msg=f"decode, {total} rows")
+            mu, sigma = forward_rows(
+                tiny_runtime, "encode", np.insert(images, where, x[0], axis=0), policy, sizes=sizes["encode"]
+            )
+            np.testing.assert_array_equal(mu[where], mu_alone[0], err_msg=f"encode, {total} rows")
+            np.testing.assert_array_equal(sigma[where], sigma_alone[0], err_msg=f"encode, {total} rows")
+
+
+class SizeSensitive(StandardPriorOnly):
+    """A ModelRuntime double whose results change in the last bit with the pass's row count,
+    as CPU kernels do: passes of an odd number of rows, or of fewer than 4, round differently."""
+
+    name, version, latent_dim, device = "sizes", "v0", 3, "cpu"
+    manifest: dict[str, Any] = {}  # noqa: RUF012
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu = x.reshape(len(x), -1)[:, :3].copy()
+        return mu, np.ones_like(mu)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        self.calls.append(len(z))
+        images = np.repeat(z[:, :1, None], 28, axis=1).repeat(28, axis=2).astype(np.float32) / 10 + 0.5
+        if len(z) % 2 or len(z) < 4:
+            images = np.nextafter(images, np.float32(2.0))
+        return images
+
+
+def test_calibration_keeps_only_the_sizes_that_compute_a_row_as_the_full_pass_does() -> None:
+    model = SizeSensitive()
+    assert calibrate(model, "decode", 16) == (4, 6, 8, 10, 12, 14, 16)
+    assert calibrate(model, "encode", 16) == tuple(range(1, 17))  # encode is exact at every size
+    # A lone row then runs in a pass of 4 rows, 5 rows in one of 6: the padding is counted.
+    policy = BatchPolicy(max_size=16)
+    sizes = (4, 6, 8, 10, 12, 14, 16)
+    z = np.arange(15, dtype=np.float32).reshape(5, 3)
+    model.calls.clear()
+    (images,) = forward_rows(model, "decode", z, policy, sizes=sizes)
+    assert model.calls == [6] and images.shape == (5, 28, 28)
+    (full,) = forward_rows(model, "decode", np.concatenate([z, np.zeros((11, 3), np.float32)]), policy)
+    np.testing.assert_array_equal(images, full[:5])
+    assert padding_rows(5, policy, sizes) == 1 and padding_rows(37, policy, sizes) == 1
+    assert padding_rows(5, policy) == 11 and padding_rows(32, policy) == 0
+    assert padding_rows(5, BatchPolicy(max_size=16, exact=False), sizes) == 0
+    # The sizes calibration tries: every count up to 32, then every eighth.
+    assert candidate_sizes(48) == [*range(1, 33), 40]
+
+
+def test_fixed_pass_sizes_pad_every_pass_to_the_batch_size() -> None:
+    """VAE_BATCH_PASS_SIZES=fixed: the scheme before calibration, every pass max_size rows."""
+    model = SizeSensitive()
+    sizes, _seconds = warm_up_rows(model, BatchPolicy(max_size=8, pass_sizes="fixed"), runs=1)
+    assert sizes == {} and set(model.calls) == {8}
 
 
 def test_mixed_seeds_merged_in_one_batch_equal_each_request_alone(
@@ -255,8 +329,17 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_store: Path) -> None:
 
 
 def test_batch_sizes_and_queue_appear_in_metrics(merging: InProcess) -> None:
+    before = merging.get("/metrics").text
     merging.post("/sample", json={"n": 5, "seed": 1})
     text = merging.get("/metrics").text
+    # A lone request of 5 rows ran in a pass of the next calibrated size, its padding counted.
+    state = merging.app.state.vae
+    sizes = state.inference.pass_sizes(state.registry.get("tiny"))["decode"]
+    labels = {"model": "tiny", "op": "decode"}
+    added = metric(text, "vae_model_padding_rows_total", **labels) - metric(
+        before, "vae_model_padding_rows_total", **labels
+    )
+    assert added == pass_rows(5, sizes) - 5, sizes
     assert re.search(r'vae_model_batch_requests_bucket\{le="1.0",model="tiny",op="decode"\} [1-9]', text)
     assert re.search(r'vae_model_batch_size_bucket\{le="32.0",model="tiny",op="decode"\} [1-9]', text)
     assert 'vae_model_queued_rows{model="tiny",op="decode"} 0.0' in text

@@ -23,7 +23,7 @@ from vae_client.client import VAEClient
 
 from service import artifact
 from service.app import create_app
-from service.model.batching import BatchPolicy, forward_rows
+from service.model.batching import BatchPolicy, forward_rows, warm_up_rows
 from service.model.latents import draw_latents
 from service.model.runtime import TorchScriptRuntime
 from tests.conftest import make_artifact
@@ -198,13 +198,19 @@ def test_the_client_and_cli_pass_the_prior(
 
 
 def test_a_rows_draw_through_the_learned_prior_is_independent_of_its_pass(learned) -> None:
-    """Exact mode's premise for the learned prior's op: at the fixed pass shape, a row's z and
-    image depend on that row only, wherever it sits and whatever shares the pass."""
+    """Exact mode's premise for the learned prior's op, at every pass size calibration keeps:
+    a row's z and image depend on that row only, wherever it sits and whatever shares the pass."""
     policy = BatchPolicy(max_size=16, exact=True)
-    u = np.random.default_rng(0).normal(size=(40, LATENT_DIM)).astype(np.float32)
-    z_alone, x_alone = forward_rows(learned, "sample", u[:1], policy)
-    for others in (u[1:5], u[1:16], u[5:39]):
-        for where in (0, len(others) // 2, len(others)):
-            z, x = forward_rows(learned, "sample", np.insert(others, where, u[0], axis=0), policy)
-            np.testing.assert_array_equal(z[where], z_alone[0])
-            np.testing.assert_array_equal(x[where], x_alone[0])
+    sizes = warm_up_rows(learned, policy)[0]["sample"]
+    assert sizes[-1] == 16
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(1, LATENT_DIM)).astype(np.float32)
+    z_alone, x_alone = forward_rows(learned, "sample", u, policy, sizes=sizes)
+    for total in range(1, 35):  # every calibrated size, and requests over max_size rows
+        others = rng.normal(size=(total - 1, LATENT_DIM)).astype(np.float32)
+        for where in {0, (total - 1) // 2, total - 1}:
+            z, x = forward_rows(
+                learned, "sample", np.insert(others, where, u[0], axis=0), policy, sizes=sizes
+            )
+            np.testing.assert_array_equal(z[where], z_alone[0], err_msg=f"{total} rows")
+            np.testing.assert_array_equal(x[where], x_alone[0], err_msg=f"{total} rows")

@@ -365,3 +365,26 @@ def test_real_mnist_digits_encode_exactly_as_the_model_does(api: InProcess, tiny
     np.testing.assert_allclose(body["sigma"], sigma, atol=ATOL)
     as_rgb = api.post("/encode", json={"images": [b64(png(d, "RGB")) for d in x]}).json()
     np.testing.assert_allclose(as_rgb["mu"], mu, atol=ATOL)
+
+
+def test_fastapis_opentelemetry_is_on_only_where_something_is_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Off by default (it would only ask OpenTelemetry on every request whether a provider
+    has appeared); on where a provider is set, or FastAPI is asked to configure one."""
+    from opentelemetry import trace
+
+    from service.app import opentelemetry_configured
+
+    monkeypatch.delenv("FASTAPI_OTEL_AUTO_CONFIGURE", raising=False)
+    assert not opentelemetry_configured()
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    assert opentelemetry_configured()
+    monkeypatch.delenv("FASTAPI_OTEL_AUTO_CONFIGURE")
+
+    class SdkTracerProvider(trace.TracerProvider):  # stands in for opentelemetry-sdk's
+        def get_tracer(self, *args: object, **kwargs: object) -> trace.Tracer:
+            return trace.NoOpTracer()
+
+    monkeypatch.setattr(trace, "get_tracer_provider", SdkTracerProvider)
+    assert opentelemetry_configured()

@@ -70,6 +70,14 @@ class Settings(BaseSettings):
         description="How long a free inference thread waits for more requests to fill a batch, in ms; "
         "0 takes what is queued (requests still merge while the threads are busy).",
     )
+    batch_fill_wait_ms: float = Field(
+        5.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long a free inference thread waits for a batch that is at least half full "
+        "to fill up, in ms (a busy server: the rest is on its way, and a full pass costs about as "
+        "much CPU as a half-full one); 0: never.",
+    )
     batch_exact: bool = Field(
         True,
         description="Run every forward pass at a shape where each row comes out bit for bit as it "

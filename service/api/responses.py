@@ -9,6 +9,7 @@ images (application/x-npy), or their raw uint8 pixels (application/octet-stream)
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -84,9 +85,22 @@ async def _offload_if_large(count: int, fn: Any, *args: Any) -> Any:
     return fn(*args) if count <= INLINE_IMAGES else await run_in_threadpool(fn, *args)
 
 
-async def image_payload(x: np.ndarray, fmt: ImageFormat) -> list[str] | np.ndarray:
+def image_encoder(request: Request, fmt: ImageFormat, count: int) -> Callable[[np.ndarray], object] | None:
+    """images.png_base64 when the answer will be JSON with base64 PNGs of at most
+    INLINE_IMAGES images: given to the model call, it runs on the inference thread right
+    after the pass (zlib gives up the GIL; the event loop only writes the answer). None
+    otherwise: larger batches are encoded on the thread pool, other formats need no PNGs."""
+    if fmt == "png" and count <= INLINE_IMAGES and negotiate(request) == "json":
+        return images.png_base64
+    return None
+
+
+async def image_payload(x: np.ndarray, fmt: ImageFormat, encoded: object = None) -> list[str] | np.ndarray:
+    """The images as the JSON answer carries them; `encoded`: their PNGs, made already."""
     if fmt == "array":
         return np.ascontiguousarray(x, dtype=np.float32)
+    if isinstance(encoded, list):
+        return encoded
     return await _offload_if_large(len(x), images.png_base64, x)
 
 
@@ -149,10 +163,13 @@ def encoding(model: ModelRuntime, mu: np.ndarray, sigma: np.ndarray) -> Response
     )
 
 
-async def decoded(request: Request, model: ModelRuntime, x: np.ndarray, fmt: ImageFormat) -> Response:
+async def decoded(
+    request: Request, model: ModelRuntime, x: np.ndarray, fmt: ImageFormat, encoded: object = None
+) -> Response:
     if (other := await image_answer(request, model, x)) is not None:
         return other
-    return FastJSONResponse({**_model_fields(model), "format": fmt, "images": await image_payload(x, fmt)})
+    payload = await image_payload(x, fmt, encoded)
+    return FastJSONResponse({**_model_fields(model), "format": fmt, "images": payload})
 
 
 async def samples(
@@ -166,6 +183,7 @@ async def samples(
     prior: str,
     fmt: ImageFormat,
     return_latents: bool,
+    encoded: object = None,
 ) -> Response:
     # The seed and prior travel in headers too, so a PNG sample can be reproduced as well.
     headers = sample_headers(seed, prior)
@@ -177,7 +195,7 @@ async def samples(
         "seed": seed,
         "temperature": temperature,
         "prior": prior,
-        "images": await image_payload(x, fmt),
+        "images": await image_payload(x, fmt, encoded),
     }
     if return_latents:
         body["z"] = z
@@ -190,7 +208,13 @@ def sample_headers(seed: int, prior: str) -> dict[str, str]:
 
 
 async def reconstruction(
-    request: Request, model: ModelRuntime, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray, fmt: ImageFormat
+    request: Request,
+    model: ModelRuntime,
+    x: np.ndarray,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    fmt: ImageFormat,
+    encoded: object = None,
 ) -> Response:
     if (other := await image_answer(request, model, x)) is not None:
         return other
@@ -198,7 +222,7 @@ async def reconstruction(
         {
             **_model_fields(model),
             "format": fmt,
-            "images": await image_payload(x, fmt),
+            "images": await image_payload(x, fmt, encoded),
             "mu": mu,
             "sigma": sigma,
         }

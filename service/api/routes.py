@@ -153,8 +153,8 @@ async def reconstruct(request: Request, inputs: Annotated[ImageInput, Depends(im
     registry, inference, _ = serving_now(request)
     model = registry.get(inputs.model)
     mu, sigma = await inference.encode(model, inputs.pixels)
-    x = await inference.decode(model, mu)
-    return await responses.reconstruction(request, model, x, mu, sigma, inputs.format)
+    x, encoded = await inference.decode(model, mu, responses.image_encoder(request, inputs.format, len(mu)))
+    return await responses.reconstruction(request, model, x, mu, sigma, inputs.format, encoded)
 
 
 @api.post(
@@ -170,9 +170,9 @@ async def decode(request: Request, body: DecodeRequest) -> Response:
     model, format = query_options(request)
     runtime = registry.get(body.model or model)
     z = latents(body.z, runtime.latent_dim, runtime.name, state.settings)
-    x = await inference.decode(runtime, z)
     fmt = chosen_format(body, format)
-    return await responses.decoded(request, runtime, x, fmt)
+    x, encoded = await inference.decode(runtime, z, responses.image_encoder(request, fmt, len(z)))
+    return await responses.decoded(request, runtime, x, fmt, encoded)
 
 
 @api.post(
@@ -190,10 +190,11 @@ async def sample(request: Request, body: SampleRequest) -> Response:
     _check_samples(body.n, state)
     prior = _chosen_prior(runtime, body.prior)
     seed = random_seed() if body.seed is None else body.seed
-    u, z, x = await inference.sample(runtime, body.n, seed, body.temperature, prior)
     fmt = chosen_format(body, format)
+    encode_images = responses.image_encoder(request, fmt, body.n)
+    u, z, x, encoded = await inference.sample(runtime, body.n, seed, body.temperature, prior, encode_images)
     return await responses.samples(
-        request, runtime, x, u, z, seed, body.temperature, prior, fmt, body.return_latents
+        request, runtime, x, u, z, seed, body.temperature, prior, fmt, body.return_latents, encoded
     )
 
 
@@ -226,7 +227,7 @@ async def sample_png(
     _check_samples(n, state)
     chosen = _chosen_prior(runtime, prior)
     seed = random_seed() if seed is None else seed
-    _, _, x = await inference.sample(runtime, n, seed, temperature, chosen)
+    _, _, x, _ = await inference.sample(runtime, n, seed, temperature, chosen)
     return await responses.png_response(x, responses.sample_headers(seed, chosen))
 
 

@@ -64,7 +64,11 @@ log = logging.getLogger("service.model.batching")
 # standard prior's draw, z = temperature * u, is computed per request and decoded by "decode".)
 Op = Literal["encode", "decode", "sample"]
 Outputs = tuple[np.ndarray, ...]  # encode: (mu, sigma); decode: (images,); sample: (z, images)
-Result = Outputs | BaseException  # one request's share of a pass, or what went wrong with it
+# Work on one request's outputs that needs no event loop (its PNGs), done on the inference
+# thread after the pass: the loop then only writes the answer.
+Finish = Callable[[Outputs], object]
+Finished = tuple[Outputs, object]  # a request's outputs, and what its Finish made of them (or None)
+Result = Finished | BaseException  # one request's share of a pass, or what went wrong with it
 
 
 class Overloaded(ProblemError):
@@ -79,6 +83,7 @@ class BatchPolicy:
 
     max_size: int = 32  # rows per forward pass
     max_wait: float = 0.0  # seconds to wait for more rows once a thread is free
+    fill_wait: float = 0.005  # ... when at least half a batch is queued already (a busy server)
     queue_max: int = 2048  # rows waiting per (model, op) before 503
     exact: bool = True  # passes padded to a calibrated row count: results independent of batching
     pass_sizes: Literal["calibrated", "fixed"] = "calibrated"  # "fixed": every pass max_size rows
@@ -150,8 +155,9 @@ def forward_rows(
 @dataclass(eq=False)  # compared by identity: the queue removes the very item that timed out
 class _Item:
     x: np.ndarray
-    future: asyncio.Future[Outputs]
+    future: asyncio.Future[Finished]
     queued_at: float
+    finish: Finish | None = None
 
 
 class Batcher:
@@ -193,7 +199,9 @@ class Batcher:
         self._m_rejected = metrics.rejected.labels(model.name, op)
         self._metrics = metrics  # for service.model.faults, which counts failures by reason
 
-    async def submit(self, x: np.ndarray) -> Outputs:
+    async def submit(self, x: np.ndarray, finish: Finish | None = None) -> Finished:
+        """This request's rows of a pass, and what `finish` made of them on the inference
+        thread (None without one)."""
         rows = len(x)
         limit = self.policy.queue_max
         # An empty queue takes any request, so that one larger than the limit still runs.
@@ -205,7 +213,7 @@ class Batcher:
                 headers={"Retry-After": "1"},
             )
         loop = asyncio.get_running_loop()
-        item = _Item(x, loop.create_future(), time.perf_counter())
+        item = _Item(x, loop.create_future(), time.perf_counter(), finish)
         self._queue.append(item)
         self.queued_rows += rows
         self._m_queued.set(self.queued_rows)
@@ -280,10 +288,19 @@ class Batcher:
         task.add_done_callback(self._running.discard)
 
     async def _gather_more(self) -> None:
-        """Waits up to max_wait after the oldest queued request for the batch to fill up."""
-        if self.policy.max_wait <= 0 or self.queued_rows >= self.policy.max_size or not self._queue:
+        """Waits for the batch to fill up: up to max_wait after the oldest queued request, and
+        up to fill_wait from now when at least half a batch is queued already. Half a batch
+        waiting means a busy server, whose other clients are being answered and will send
+        their next requests within a few ms; a pass costs nearly the same CPU for 16 rows as
+        for 32 in a busy server (its weights are read from memory once per pass, whatever the
+        rows), so a full pass costs half as much per request (docs/performance.md). Fewer
+        rows queued means a quiet server, where waiting would only add latency."""
+        if self.queued_rows >= self.policy.max_size or not self._queue:
             return
-        remaining = self._queue[0].queued_at + self.policy.max_wait - time.perf_counter()
+        now = time.perf_counter()
+        remaining = self._queue[0].queued_at + self.policy.max_wait - now
+        if self.policy.fill_wait > 0 and 2 * self.queued_rows >= self.policy.max_size > 2:
+            remaining = max(remaining, self.policy.fill_wait)
         if remaining <= 0:
             return
         loop = asyncio.get_running_loop()
@@ -377,9 +394,9 @@ class Batcher:
         # NaN or infinity is looked for in the whole pass at once (a few numpy calls rather
         # than a few per request); only when there is some, per request: a request whose
         # rows are all finite gets its answer whatever the others' rows held.
-        if all(np.isfinite(out).all() for out in outputs):
-            return list(parts)
-        return [self._finite(model, part) for part in parts]
+        if not all(np.isfinite(out).all() for out in outputs):
+            parts = [self._finite(model, part) for part in parts]
+        return [_finished(item, part) for item, part in zip(batch, parts, strict=True)]
 
     def _pass_sizes(self, model: ModelRuntime) -> tuple[int, ...]:
         if self._calibrated is None or not needs_warm_up(model):
@@ -393,7 +410,7 @@ class Batcher:
             self._calibrated[model] = sizes
         return sizes.get(self.op, ())
 
-    def _finite(self, model: ModelRuntime, outputs: Result) -> Result:
+    def _finite(self, model: ModelRuntime, outputs: Outputs | BaseException) -> Outputs | BaseException:
         if isinstance(outputs, BaseException):
             return outputs
         return faults.non_finite(model, self.op, outputs, self._metrics) or outputs
@@ -407,7 +424,7 @@ class Batcher:
             return exc
         except Exception as exc:
             return faults.failed(model, self.op, len(item.x), exc, self._metrics)
-        return self._finite(model, outputs)
+        return _finished(item, self._finite(model, outputs))
 
     async def drained(self) -> None:
         """Returns once nothing is queued or running here."""
@@ -417,6 +434,18 @@ class Batcher:
                 await asyncio.wait(pending)
             else:
                 await asyncio.sleep(0.001)
+
+
+def _finished(item: _Item, outputs: Outputs | BaseException) -> Result:
+    if isinstance(outputs, BaseException):
+        return outputs
+    if item.finish is None:
+        return outputs, None
+    try:
+        return outputs, item.finish(outputs)
+    except Exception as exc:  # a bug in the encoding: this request's 500, not the pass's
+        log.exception("finishing a request's %d row(s) after its pass failed", len(item.x))
+        return exc
 
 
 def _all_done(batch: list[_Item]) -> bool:
@@ -436,7 +465,7 @@ def _resolve(future: asyncio.Future[None] | None) -> None:
         future.set_result(None)
 
 
-def _split(outputs: Outputs, sizes: Sequence[int]) -> list[Result]:
+def _split(outputs: Outputs, sizes: Sequence[int]) -> list[Outputs | BaseException]:
     if len(sizes) == 1:
         return [outputs]
     bounds = np.cumsum(sizes)[:-1]

@@ -25,12 +25,32 @@ from service.artifact import STANDARD_PRIOR
 from service.errors import RequestTimedOut
 from service.metrics import REQUEST_STARTED, Metrics
 from service.model import faults
-from service.model.batching import Batchers, BatchPolicy, needs_warm_up, warm_up_rows
+from service.model.batching import (
+    Batchers,
+    BatchPolicy,
+    Finish,
+    Finished,
+    Op,
+    Outputs,
+    needs_warm_up,
+    warm_up_rows,
+)
 from service.model.latents import draw_latents
 from service.model.runtime import ModelRuntime
 from service.settings import Settings
 
 T = TypeVar("T")
+# Turns a request's images [B, 28, 28] into what its answer carries (service.api.images.png_base64)
+ImageEncoder = Callable[[np.ndarray], object]
+
+
+def _last(encode_images: ImageEncoder | None) -> Finish | None:
+    """The Finish that encodes the images, the last of decode's and sample's outputs."""
+    if encode_images is None:
+        return None
+    return lambda outputs: encode_images(outputs[-1])
+
+
 log = logging.getLogger("service.model.inference")
 
 # How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms).
@@ -74,6 +94,7 @@ class Inference:
             BatchPolicy(
                 max_size=settings.batch_max_size,
                 max_wait=settings.batch_max_wait_ms / 1000.0,
+                fill_wait=settings.batch_fill_wait_ms / 1000.0,
                 queue_max=settings.queue_max,
                 exact=settings.batch_exact,
                 pass_sizes=settings.batch_pass_sizes,
@@ -119,10 +140,17 @@ class Inference:
         finally:
             timer.cancel()
 
-    async def _run(self, model: ModelRuntime, op: str, batch: int, call: Callable[[], T]) -> T:
+    async def _run(
+        self,
+        model: ModelRuntime,
+        op: str,
+        batch: int,
+        call: Callable[[], Outputs],
+        finish: Finish | None = None,
+    ) -> Finished:
         queued = time.perf_counter()
 
-        def timed() -> T:
+        def timed() -> Finished:
             started = time.perf_counter()
             self.metrics.queue_wait.labels(model.name, op).observe(started - queued)
             try:
@@ -131,50 +159,62 @@ class Inference:
                 raise faults.failed(model, op, batch, exc, self.metrics) from exc
             finally:
                 self.metrics.inference.labels(model.name, op).observe(time.perf_counter() - started)
-            failure = faults.non_finite(model, op, result, self.metrics)  # type: ignore[arg-type]
+            failure = faults.non_finite(model, op, result, self.metrics)
             if failure is not None:
                 raise failure
-            return result
+            return result, None if finish is None else finish(result)
 
         self.metrics.batch_size.labels(model.name, op).observe(batch)
         return await asyncio.get_running_loop().run_in_executor(self._pool, timed)
 
-    async def encode(self, model: ModelRuntime, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def _call(
+        self, model: ModelRuntime, op: Op, x: np.ndarray, call: Callable[[], Outputs], finish: Finish | None
+    ) -> Finished:
+        """The op on x: merged into a batch, or (batching off) a pass of its own."""
         if self._batchers is not None:
-            mu, sigma = await self._limited(model, "encode", self._batchers.get(model, "encode").submit(x))
-            return mu, sigma
-        return await self._limited(
-            model, "encode", self._run(model, "encode", len(x), lambda: model.encode(x))
-        )
+            work = self._batchers.get(model, op).submit(x, finish)
+        else:
+            work = self._run(model, op, len(x), call, finish)
+        return await self._limited(model, op, work)
 
-    async def decode(self, model: ModelRuntime, z: np.ndarray) -> np.ndarray:
-        if self._batchers is not None:
-            (images,) = await self._limited(model, "decode", self._batchers.get(model, "decode").submit(z))
-            return images
-        return await self._limited(
-            model, "decode", self._run(model, "decode", len(z), lambda: model.decode(z))
-        )
+    async def encode(self, model: ModelRuntime, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        (mu, sigma), _ = await self._call(model, "encode", x, lambda: model.encode(x), None)
+        return mu, sigma
+
+    async def decode(
+        self, model: ModelRuntime, z: np.ndarray, encode_images: ImageEncoder | None = None
+    ) -> tuple[np.ndarray, object]:
+        """The images for latents z, and what `encode_images` made of them on the inference
+        thread, after the pass (their PNGs; None without it)."""
+        finish = _last(encode_images)
+        (images,), encoded = await self._call(model, "decode", z, lambda: (model.decode(z),), finish)
+        return images, encoded
 
     async def sample(
-        self, model: ModelRuntime, n: int, seed: int, temperature: float, prior: str
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(u, z, images) for n draws with this seed: noise u ~ N(0, temperature^2 I), then
-        z = u under the standard prior, z = model.prior(u) under the learned one."""
+        self,
+        model: ModelRuntime,
+        n: int,
+        seed: int,
+        temperature: float,
+        prior: str,
+        encode_images: ImageEncoder | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, object]:
+        """(u, z, images, encoded) for n draws with this seed: noise u ~ N(0, temperature^2 I),
+        then z = u under the standard prior, z = model.prior(u) under the learned one; and
+        what `encode_images` made of the images on the inference thread (or None)."""
         # Drawn here, per request, with the request's own generator (a few µs for small n):
         # the noise never depends on what else is in the batch.
         u = draw_latents(n, model.latent_dim, seed, temperature)
         if prior == STANDARD_PRIOR:
-            return u, u, await self.decode(model, u)
-        if self._batchers is not None:
-            z, images = await self._limited(model, "sample", self._batchers.get(model, "sample").submit(u))
-            return u, z, images
+            images, encoded = await self.decode(model, u, encode_images)
+            return u, u, images, encoded
 
-        def call() -> tuple[np.ndarray, np.ndarray]:
+        def call() -> Outputs:
             z = model.prior(u)
             return z, model.decode(z)
 
-        z, images = await self._limited(model, "sample", self._run(model, "sample", n, call))
-        return u, z, images
+        (z, images), encoded = await self._call(model, "sample", u, call, _last(encode_images))
+        return u, z, images, encoded
 
     async def warm_up(self, models: list[ModelRuntime]) -> None:
         """Calibrates each model's pass sizes and runs it at every one of them before it

@@ -368,7 +368,7 @@ def test_the_next_pass_starts_before_the_last_ones_answers_are_delivered() -> No
         model = Recorder()
         model.gate.clear()
         executor = ThreadPoolExecutor(1)
-        policy = BatchPolicy(max_size=4, exact=False)
+        policy = BatchPolicy(max_size=4, exact=False, fill_wait=0.0)  # the two later rows run at once
         batcher = Batcher(model, "decode", policy, executor, asyncio.Semaphore(1), Metrics())  # type: ignore[arg-type]
         queued_when_answered: list[int] = []
 
@@ -388,6 +388,62 @@ def test_the_next_pass_starts_before_the_last_ones_answers_are_delivered() -> No
 
     queued, *passes = asyncio.run(main())
     assert queued == 0 and passes == [1, 2]
+
+
+def test_a_half_full_batch_waits_for_the_rest_and_a_small_one_runs_at_once() -> None:
+    """fill_wait: with half a batch queued (a busy server) a free thread waits for the rest,
+    up to fill_wait; with less (a quiet server) it runs what there is at once."""
+
+    async def passes(first: int, later: int, fill_wait: float) -> list[int]:
+        model = Recorder()
+        executor = ThreadPoolExecutor(1)
+        policy = BatchPolicy(max_size=8, exact=False, fill_wait=fill_wait)
+        batcher = Batcher(model, "decode", policy, executor, asyncio.Semaphore(1), Metrics())  # type: ignore[arg-type]
+        row = np.zeros((1, 3), np.float32)
+        tasks = [asyncio.create_task(batcher.submit(row)) for _ in range(first)]
+        await asyncio.sleep(0.05)  # well within fill_wait, far beyond a pass of the double
+        tasks += [asyncio.create_task(batcher.submit(row)) for _ in range(later)]
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        executor.shutdown()
+        return model.calls
+
+    assert asyncio.run(passes(4, 4, fill_wait=5.0)) == [8]  # half full: waited, filled, ran at once
+    assert asyncio.run(passes(3, 4, fill_wait=5.0)) == [3, 4]  # under half: no wait
+    assert asyncio.run(passes(4, 2, fill_wait=0.0)) == [4, 2]  # fill_wait 0: never waits
+
+
+def test_each_requests_finish_runs_on_the_inference_thread_on_its_own_rows() -> None:
+    """What a request's answer makes of its rows (its PNGs) is made right after the pass, on
+    the inference thread; a finish that fails fails its own request only."""
+
+    async def main() -> list[object]:
+        model = Recorder()
+        model.gate.clear()
+        executor = ThreadPoolExecutor(1, thread_name_prefix="vae-inference")
+        batcher = Batcher(model, "decode", BatchPolicy(max_size=8), executor, asyncio.Semaphore(1), Metrics())  # type: ignore[arg-type]
+
+        def where(outputs: tuple[np.ndarray, ...]) -> tuple[str, float]:
+            return threading.current_thread().name, float(outputs[0][0, 0, 0])
+
+        def broken(outputs: tuple[np.ndarray, ...]) -> object:
+            raise ValueError("an encoding bug")
+
+        rows = [np.full((1, 3), i, np.float32) for i in (1, 2, 3)]
+        calls = [batcher.submit(rows[0], where), batcher.submit(rows[1], broken), batcher.submit(rows[2])]
+        tasks = [asyncio.create_task(call) for call in calls]
+        await asyncio.sleep(0.05)  # all three queued behind the gate: one pass
+        model.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        executor.shutdown()
+        assert model.calls == [8]  # one merged pass (a double is not calibrated: max_size rows)
+        return results
+
+    first, second, third = asyncio.run(main())
+    assert isinstance(first, tuple) and first[1] == ("vae-inference_0", pytest.approx(0.5 + 1 / 100))
+    assert isinstance(second, ValueError)
+    assert (
+        isinstance(third, tuple) and third[1] is None and third[0][0][0, 0, 0] == pytest.approx(0.5 + 3 / 100)
+    )
 
 
 def test_a_shut_down_executor_fails_the_requests_at_once_and_frees_the_thread_slot() -> None:

@@ -70,8 +70,9 @@ reliability: install-dev
 	$(BIN)/python -m tests.reliability
 
 # The serving benchmark (docs/performance.md): the service against a plain FastAPI app and
-# its own ceiling, driven by wrk on loopback. Several minutes; run it on a quiet machine.
-# BENCH_ARGS=--quick for short runs.
+# its own ceiling, driven by wrk on loopback; CPU per request is its headline figure. Several
+# minutes; run it on a quiet machine. BENCH_ARGS=--quick for short runs;
+# BENCH_ARGS="--baseline 59b41a6 --rounds 4" against the code before issue 15, in turns.
 bench: install
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } \
 		|| { echo "make bench needs the load generator wrk: sudo apt-get install -y wrk (Debian/Ubuntu) or brew install wrk (macOS)"; exit 1; }

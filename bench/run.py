@@ -37,10 +37,10 @@ and W2s through the standard prior, so the learned prior's cost is their ratio.
 
 The headline ratios are CPU per request: ours against the ceiling and against the plain app,
 per workload (and against `before` with --baseline). Then, for `ours`: the time from
-process start to ready, the first request after ready
-against the median of the next ones, and the RSS before and after a 60 s W1 run. Figures
-are only meaningful on a quiet machine: the load average is printed at the start and the
-end, with a warning when the machine was busy.
+process start to ready, the first request after ready against the median of the next
+ones, and the RSS before and after a 60 s W1 run. Figures are only meaningful on a quiet
+machine: the load average is printed at the start and the end, with a warning when the
+machine was busy; --rounds N runs every server N times and reports medians.
 """
 
 from __future__ import annotations

@@ -50,9 +50,11 @@ import base64
 import collections
 import contextlib
 import gzip
+import hashlib
 import http.client
 import io
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -191,6 +193,37 @@ def tree_cpu_seconds(root: int) -> float:
         if fields is not None:
             ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
     return ticks / CLOCK_TICKS
+
+
+def _hash_for(seconds: float, counts: Any = None) -> int:
+    """Hashes 1 MB buffers for `seconds` (no GIL, little memory traffic): how much work one
+    core does here."""
+    data = b"x" * 1_000_000
+    end, done = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        hashlib.sha256(data).digest()
+        done += 1
+    if counts is not None:
+        counts.put(done)
+    return done
+
+
+def parallel_capacity(seconds: float = 1.0) -> float:
+    """How many cores' worth of work the machine does with every core busy: one process per
+    core hashing, against one alone. A VM whose vCPUs share the host's cores scores below its
+    core count, and then the kernel charges work that overlaps across threads about double:
+    CPU seconds per request are comparable only between servers measured in the same run."""
+    alone = _hash_for(seconds)
+    counts: multiprocessing.Queue[int] = multiprocessing.Queue()
+    workers = [
+        multiprocessing.Process(target=_hash_for, args=(seconds, counts)) for _ in range(os.cpu_count() or 1)
+    ]
+    for worker in workers:
+        worker.start()
+    total = sum(counts.get() for _ in workers)
+    for worker in workers:
+        worker.join()
+    return total / alone if alone else float("nan")
 
 
 def require_wrk() -> str:
@@ -520,6 +553,14 @@ def main(argv: list[str] | None = None) -> None:
     overrides = dict(item.split("=", 1) for item in args.set)
     load_start = load_average()
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; load average at start {load_start}")
+    capacity_start = parallel_capacity()
+    print(f"parallel capacity: {capacity_start:.2f} cores' worth of work with every core busy")
+    if capacity_start < (os.cpu_count() or 1) - 0.5:
+        print(
+            "WARNING: the cores do not all work at full speed at once (a VM sharing its host's "
+            "cores?); threads that overlap are charged CPU time for work they did not do: "
+            "compare CPU per request only within this run (--rounds)"
+        )
     if os.getloadavg()[0] > BUSY_LOAD:
         print(
             f"WARNING: the machine is busy (1-min load {os.getloadavg()[0]:.2f} > {BUSY_LOAD}); "
@@ -596,6 +637,10 @@ def main(argv: list[str] | None = None) -> None:
             for name in order if round_ % 2 == 0 or not sizes else reversed(order):
                 runners[name](round_ == args.rounds - 1)  # startup, first request, soak: at the end
     report(results, extra, load_start)
+    capacity_end = parallel_capacity()
+    print(
+        f"parallel capacity at the end: {capacity_end:.2f} cores' worth (at the start: {capacity_start:.2f})"
+    )
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -604,6 +649,8 @@ def main(argv: list[str] | None = None) -> None:
                     "cores": os.cpu_count(),
                     "load_average_start": load_start,
                     "load_average_end": load_average(),
+                    "parallel_capacity_start": capacity_start,
+                    "parallel_capacity_end": capacity_end,
                     "settings": overrides,
                     "baseline": args.baseline,
                     "duration_s": duration,

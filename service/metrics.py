@@ -56,8 +56,9 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        # Micro-batching (service.model.batching): how many requests share a pass, how many rows
-        # wait, and how many requests were turned away with 503 because the queue was full.
+        # Micro-batching (service.model.batching): how many zero rows pad the passes, how many
+        # requests share a pass, how many rows wait, and how many requests were turned away
+        # with 503 because the queue was full.
         self.padding_rows = Counter(
             "vae_model_padding_rows_total",
             "Zero rows added to passes to reach a shape at which every row comes out exactly as "

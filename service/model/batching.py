@@ -444,7 +444,7 @@ def _finished(item: _Item, outputs: Outputs | BaseException) -> Result:
     try:
         return outputs, item.finish(outputs)
     except Exception as exc:  # a bug in the encoding: this request's 500, not the pass's
-        log.exception("finishing a request's %d row(s) after its pass failed", len(item.x))
+        log.exception("encoding a request's answer from its %d row(s) failed after the pass", len(item.x))
         return exc
 
 
@@ -579,8 +579,9 @@ def warm_up_rows(model: ModelRuntime, policy: BatchPolicy, runs: int = 3) -> tup
         shapes = calibrate(model, op, policy.max_size) if calibrating else (policy.max_size,)
         if calibrating:
             sizes[op] = shapes
-        # calibrate ran each kept shape twice (max_size three times) already
+        probe = _probe(model, op, policy.max_size)
+        # calibrate ran each shape it kept twice already
         for _ in range(runs - 2 if calibrating else runs):
             for rows in shapes:
-                forward(model, op, _probe(model, op, rows))
+                forward(model, op, probe[:rows])
     return sizes, time.perf_counter() - started

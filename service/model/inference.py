@@ -42,15 +42,6 @@ from service.settings import Settings
 T = TypeVar("T")
 # Turns a request's images [B, 28, 28] into what its answer carries (service.api.images.png_base64)
 ImageEncoder = Callable[[np.ndarray], object]
-
-
-def _last(encode_images: ImageEncoder | None) -> Finish | None:
-    """The Finish that encodes the images, the last of decode's and sample's outputs."""
-    if encode_images is None:
-        return None
-    return lambda outputs: encode_images(outputs[-1])
-
-
 log = logging.getLogger("service.model.inference")
 
 # How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms).
@@ -248,6 +239,13 @@ class Inference:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _last(encode_images: ImageEncoder | None) -> Finish | None:
+    """The Finish that encodes the images, the last of decode's and sample's outputs."""
+    if encode_images is None:
+        return None
+    return lambda outputs: encode_images(outputs[-1])
 
 
 def _ranges(sizes: tuple[int, ...]) -> str:

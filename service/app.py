@@ -17,11 +17,13 @@ from fastapi import APIRouter, FastAPI
 from fastapi.telemetry import TelemetryConfig
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service import errors
 from service.api import admin, explorer, openapi, routes
 from service.edge.admission import AdmissionMiddleware
 from service.edge.auth import ApiKeyGate
+from service.edge.body_deadline import BodyDeadlineMiddleware
 from service.edge.body_limit import BodyLimitMiddleware
 from service.edge.request_metrics import RequestMetricsMiddleware
 from service.metrics import Metrics
@@ -142,7 +144,22 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     if settings.api_key is not None:
         app.add_middleware(ApiKeyGate, secret=settings.api_key.get_secret_value(), routes=app.routes)
     if settings.max_concurrent_requests:  # before anything reads a body (service.edge.admission)
-        app.add_middleware(AdmissionMiddleware, max_concurrent=settings.max_concurrent_requests)
+        app.add_middleware(
+            AdmissionMiddleware,
+            max_concurrent=settings.max_concurrent_requests,
+            per_client=settings.per_client_limit(),
+            metrics=state.metrics,
+        )
+    # Outside admission: a body that misses its deadline frees its slot before the 408 goes out,
+    # and a refused request's body is still read (and dropped) under the deadline.
+    app.add_middleware(
+        BodyDeadlineMiddleware,
+        metrics=state.metrics,
+        timeout_s=settings.body_timeout_s,
+        min_rate=settings.body_min_rate,
+        max_s=settings.body_timeout_max_s,
+        max_body_bytes=settings.max_body_bytes,
+    )
     app.add_middleware(explorer.PageHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     if settings.cors_origins:
@@ -153,6 +170,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             allow_headers=["Content-Type", "Accept", "Authorization", "X-API-Key"],
             expose_headers=["X-Seed", "X-Prior"],
         )
+    if settings.forwarded_allow_ips:  # first of all: every layer, the logs too, sees the real client
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
 
     def openapi_document() -> dict[str, Any]:
         if app.openapi_schema is None:

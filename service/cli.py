@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
         log_config=log_config,
         timeout_graceful_shutdown=args.graceful_timeout,
         access_log=settings.access_log,
+        # The app reads X-Forwarded-For itself, from VAE_FORWARDED_ALLOW_IPS only (service.app):
+        # uvicorn's own default would trust any request from 127.0.0.1 to name its client.
+        proxy_headers=False,
     )
 
 
@@ -220,6 +223,9 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, log_config: dic
         log_config=log_config,
         timeout_graceful_shutdown=args.graceful_timeout,
         access_log=settings.access_log,
+        # The app reads X-Forwarded-For itself, from VAE_FORWARDED_ALLOW_IPS only (service.app):
+        # uvicorn's own default would trust any request from 127.0.0.1 to name its client.
+        proxy_headers=False,
     )
 
 

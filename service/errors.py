@@ -89,6 +89,18 @@ class BodyTooLarge(ProblemError):
     status, slug, title = 413, "body-too-large", "Request body too large"
 
 
+class BodyTimedOut(ProblemError):
+    """The body did not arrive within its deadline (service.edge.body_deadline)."""
+
+    status, slug, title = 408, "body-timeout", "Request body too slow"
+
+
+class TooManyFromClient(ProblemError):
+    """One client address already holds its share of the server's slots (service.edge.admission)."""
+
+    status, slug, title = 429, "too-many-from-client", "Too many requests from this client"
+
+
 class UnsupportedMediaType(ProblemError):
     status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
 
@@ -268,6 +280,7 @@ _HTTP_TITLES = {
     404: "Not found",
     405: "Method not allowed",
     406: "Not acceptable",
+    408: "Request timeout",
     413: "Request body too large",
     415: "Unsupported media type",
     422: "Invalid request",

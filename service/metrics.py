@@ -35,6 +35,22 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("vae_http_requests_in_flight", "Requests being handled now.", registry=r)
+        # Slow or greedy clients (service.edge): bodies answered 408 because they arrived too
+        # slowly, and requests answered 429 because their client address held its share already.
+        self.body_timeouts = Counter(
+            "vae_http_body_timeouts_total",
+            "Requests answered 408 because their body did not arrive in time, by the limit hit: "
+            "rate (VAE_BODY_TIMEOUT_S plus a second per VAE_BODY_MIN_RATE bytes) or total "
+            "(VAE_BODY_TIMEOUT_MAX_S).",
+            ["limit"],
+            registry=r,
+        )
+        self.client_refusals = Counter(
+            "vae_http_client_refusals_total",
+            "Requests answered 429 because their client address already had its share of "
+            "VAE_MAX_CONCURRENT_REQUESTS in flight (VAE_MAX_CLIENT_SHARE).",
+            registry=r,
+        )
         self.inference = Histogram(
             "vae_model_inference_seconds",
             "Time a model call ran on its worker thread.",

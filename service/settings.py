@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_STORE = Path(__file__).resolve().parents[1] / "model_store"
@@ -111,6 +111,42 @@ class Settings(BaseSettings):
         "get 503 with Retry-After before their bodies are read, which bounds the memory a flood of "
         "uploads can take. 0: no limit.",
     )
+    max_client_share: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Largest share of VAE_MAX_CONCURRENT_REQUESTS that the requests of one client address "
+        "may hold at once (at least one request); beyond it that client gets 429 with Retry-After while "
+        "others are still admitted, so a few sockets cannot take every slot. 1: no per-client limit.",
+    )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Proxies trusted to name the client in X-Forwarded-For, comma-separated addresses or "
+        "networks (10.0.0.0/8), or * for any peer: a request from one of them counts against the last "
+        "address in X-Forwarded-For that is not itself a trusted proxy. Empty: the peer's own address, "
+        "whatever the headers say (set it behind a balancer, or every client looks like the balancer).",
+    )
+    body_timeout_s: float = Field(
+        10.0,
+        ge=0.0,
+        le=3600.0,
+        description="Time a request body may take to arrive, from the request's headers, before the "
+        "bytes that arrive extend it (VAE_BODY_MIN_RATE); past it the request gets 408 and its "
+        "connection is closed, freeing its slot. 0: no deadline.",
+    )
+    body_min_rate: int = Field(
+        4096,
+        ge=1,
+        description="Bytes per second a body must keep arriving at: every this many bytes received "
+        "add one second to VAE_BODY_TIMEOUT_S (Apache mod_reqtimeout's MinRate).",
+    )
+    body_timeout_max_s: float = Field(
+        300.0,
+        gt=0.0,
+        le=86400.0,
+        description="Longest any request body may take to arrive, however fast its bytes come; the "
+        "largest body (VAE_MAX_BODY_BYTES) must fit: 8 MiB in 300 s needs 28 KB/s on average.",
+    )
     access_log: bool = Field(True, description="Log one line per request (uvicorn's access log).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
     max_images: int = Field(256, ge=1, description="Most images (or latent rows for /decode) in one request.")
@@ -144,7 +180,7 @@ class Settings(BaseSettings):
         "only for a server that nobody but its operators can reach. SIGHUP needs no key.",
     )
 
-    @field_validator("models", "cors_origins", mode="before")
+    @field_validator("models", "cors_origins", "forwarded_allow_ips", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -163,6 +199,22 @@ class Settings(BaseSettings):
     def _empty_key_means_none(cls, value: SecretStr | None) -> SecretStr | None:
         # VAE_API_KEY= (set but empty) must not turn on a key that every client trivially matches.
         return value if value is not None and value.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _body_deadlines_in_order(self) -> Settings:
+        if self.body_timeout_s > self.body_timeout_max_s:
+            raise ValueError(
+                f"body_timeout_s ({self.body_timeout_s}) is longer than body_timeout_max_s "
+                f"({self.body_timeout_max_s}), the most any body may take: raise the second or lower "
+                "the first"
+            )
+        return self
+
+    def per_client_limit(self) -> int:
+        """Most requests one client address may have in flight (0: no limit)."""
+        if not self.max_concurrent_requests or self.max_client_share >= 1.0:
+            return 0
+        return max(1, int(self.max_client_share * self.max_concurrent_requests))
 
     def model_specs(self) -> list[tuple[str, str | None]]:
         """The configured models as (name, pinned version or None)."""

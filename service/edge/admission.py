@@ -9,21 +9,38 @@ rose by ~700 MB and the last answer came after 26 s, nearly all of them 503; wit
 default limit of 64, +480 MB and 8 s; with 16, +120 MB and 2.4 s (what remains is the
 parsing of the admitted ones, up to 40 at once on Starlette's thread pool). Here every
 request beyond the limit is answered 503 `overloaded` with Retry-After at once, its body
-unread, so memory for bodies stays under about max_concurrent × VAE_MAX_BODY_BYTES however
-many clients connect. (uvicorn's --limit-concurrency is not used: it counts idle keep-alive
-connections too and answers plain text without Retry-After.)
+never parsed or kept, so memory for bodies stays under about max_concurrent ×
+VAE_MAX_BODY_BYTES however many clients connect. (uvicorn's --limit-concurrency is not used:
+it counts idle keep-alive connections too and answers plain text without Retry-After.)
 
 The probes and /metrics are never refused: a liveness probe that failed under load would
 get a busy server restarted, and load is when its metrics matter most.
+
+One client address may hold at most VAE_MAX_CLIENT_SHARE of those slots (half, by default):
+its next request is answered 429 with Retry-After while other clients are still admitted.
+Without it, one client with 64 sockets that each sent a body a byte at a time took every
+slot (the body deadline, service.edge.body_deadline, bounds how long each such request is
+held; this bounds how many one client holds). The address is the peer's, or the forwarded
+one behind the proxies of VAE_FORWARDED_ALLOW_IPS (service.edge.clients); over a Unix
+socket there is none, and only the global limit applies.
+
+A refusal is answered at once; service.edge.body_deadline then reads and drops the body the
+client is still sending (within the body deadline) before the answer goes out, so that a
+client that sends its whole body before reading gets the answer, not a reset.
 """
 
 from __future__ import annotations
 
+import logging
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import ProblemError, response_for
+from service.edge.clients import ThrottledWarnings, client_address, client_key
+from service.errors import ProblemError, TooManyFromClient, response_for
+from service.metrics import Metrics
 
 EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
+log = logging.getLogger("service.edge.admission")
 
 
 class TooManyRequestsInFlight(ProblemError):
@@ -32,14 +49,25 @@ class TooManyRequestsInFlight(ProblemError):
 
 
 class AdmissionMiddleware:
-    def __init__(self, app: ASGIApp, max_concurrent: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_concurrent: int, per_client: int = 0, metrics: Metrics | None = None
+    ) -> None:
         self.app = app
         self.max_concurrent = max_concurrent
-        self.in_flight = 0  # one event loop per app: a plain counter needs no lock
+        self.per_client = per_client  # 0: no per-client limit
+        self.metrics = metrics
+        self.in_flight = 0  # one event loop per app: plain counters need no lock
+        self.by_client: dict[str, int] = {}  # only clients with requests in flight: bounded by the slots
+        self.warnings = ThrottledWarnings(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in EXEMPT:
             await self.app(scope, receive, send)
+            return
+        address = client_address(scope) if self.per_client else None
+        key = client_key(address) if address is not None else None
+        if key is not None and self.by_client.get(key, 0) >= self.per_client:
+            await response_for(self._client_refusal(address, key), scope.get("path"))(scope, receive, send)
             return
         if self.in_flight >= self.max_concurrent:
             error = TooManyRequestsInFlight(
@@ -51,7 +79,35 @@ class AdmissionMiddleware:
             await response_for(error, scope.get("path"))(scope, receive, send)
             return
         self.in_flight += 1
+        if key is not None:
+            self.by_client[key] = self.by_client.get(key, 0) + 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            if key is not None:
+                left = self.by_client[key] - 1
+                if left:
+                    self.by_client[key] = left
+                else:
+                    del self.by_client[key]
+
+    def _client_refusal(self, address: str | None, key: str) -> TooManyFromClient:
+        if self.metrics is not None:
+            self.metrics.client_refusals.inc()
+        self.warnings.warning(
+            key,
+            "client %s has %d requests in flight, its share of the server (VAE_MAX_CLIENT_SHARE of "
+            "VAE_MAX_CONCURRENT_REQUESTS=%d): answering 429 to its next ones while others are admitted",
+            key,
+            self.per_client,
+            self.max_concurrent,
+        )
+        who = address if key == address else f"{address} (counted as {key})"
+        return TooManyFromClient(
+            f"this client, {who}, already has {self.per_client} requests in flight, the most one "
+            f"client may have at once (VAE_MAX_CLIENT_SHARE of VAE_MAX_CONCURRENT_REQUESTS="
+            f"{self.max_concurrent}); wait for an answer before sending more. If many clients reach "
+            "this server through one proxy, the operator should name it in VAE_FORWARDED_ALLOW_IPS",
+            headers={"Retry-After": "1"},
+        )

@@ -1,0 +1,259 @@
+"""A request body has a deadline, which the bytes that arrive extend (Apache mod_reqtimeout's
+`body=10,MinRate=4096`): VAE_BODY_TIMEOUT_S from the request's headers, plus one second for
+every VAE_BODY_MIN_RATE bytes received, and VAE_BODY_TIMEOUT_MAX_S at most in all. A body
+that misses it, whether it trickles or stopped mid-way, is answered 408 with
+`Connection: close`: the request's admission slot (service.edge.admission) and its socket
+are freed at once.
+
+Why: admission counts a request from its headers, before its body is read (that bounds the
+memory uploads take), and uvicorn has no body timeout. So 64 connections that each sent a
+byte every 7 s held all 64 slots for as long as they liked, and every other client got 503
+(the slow-POST attack, "R.U.D.Y."). A real client on a slow link is not hurt: one that keeps
+up VAE_BODY_MIN_RATE (4 KiB/s, 32 kbit/s) on average never reaches the deadline, and the
+largest body (8 MiB) needs 28 KB/s to fit in VAE_BODY_TIMEOUT_MAX_S (Chrome's "Slow 3G"
+profile sends 50 KB/s).
+
+An answer that goes out before its request's body has all arrived (a 503 or 429 at the door,
+a 401, a 404) first reads the rest of the body and drops it, under the same deadline: a
+client that sends its whole body before reading (most do) then gets the answer rather than
+a connection reset. A body that misses the deadline there, or is over VAE_MAX_BODY_BYTES,
+gets the answer with `Connection: close` instead: uvicorn would otherwise keep reading it,
+with no deadline, for as long as the client kept sending.
+
+Cheaply: one timer per request with a body, armed once at the first deadline and moved only
+when it fires early. When it fires late while the request's task waits in receive(), it
+cancels that wait and the cancellation becomes BodyTimedOut (Task.uncancel keeps asyncio's
+bookkeeping straight); as in body_limit, the app's own answer to the cut-off body is dropped
+and the 408 goes out instead."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.edge.clients import ThrottledWarnings, client_address
+from service.errors import BodyTimedOut, response_for
+from service.metrics import Metrics
+
+log = logging.getLogger("service.edge.body_deadline")
+
+
+class _Expired(Exception):
+    """The body's deadline passed (internal: the app is told with BodyTimedOut)."""
+
+
+class BodyDeadlineMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        timeout_s: float,
+        min_rate: int,
+        max_s: float,
+        max_body_bytes: int,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self.min_rate = min_rate
+        self.max_s = max_s
+        self.max_body_bytes = max_body_bytes
+        self.warnings = ThrottledWarnings(log)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.timeout_s:
+            await self.app(scope, receive, send)
+            return
+        declared, chunked, expects_continue = _body_headers(scope)
+        if not declared and not chunked:  # no body to wait for (GET, HEAD, an empty POST)
+            await self.app(scope, receive, send)
+            return
+        body = _Body(self, scope, receive, send, declared, expects_continue)
+        try:
+            await self.app(scope, body.receive, body.send)
+        except Exception:
+            if not body.told_app:
+                raise
+            # Told that its body timed out, the app may have failed in any way: moot, the 408 follows.
+        finally:
+            body.stop()
+        if body.told_app and not body.response_started:
+            await response_for(body.error(), scope.get("path"))(scope, receive, send)
+
+
+class _Body:
+    """One request's body as it arrives: its clock, and the receive and send the app is given."""
+
+    def __init__(
+        self,
+        guard: BodyDeadlineMiddleware,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        declared: int | None,
+        expects_continue: bool,
+    ) -> None:
+        self.guard = guard
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.declared = declared
+        self.expects_continue = expects_continue
+        self.loop = asyncio.get_running_loop()
+        self.start = self.loop.time()
+        self.received = 0
+        self.read_any = False
+        self.done = False  # the last part of the body (or the client's disconnect) has come
+        self.expired: str | None = None  # the limit it missed: "rate" or "total"
+        self.told_app = False  # the app got BodyTimedOut: its answer is dropped, the 408 replaces it
+        self.response_started = False
+        self._waiting: asyncio.Task[object] | None = None
+        self._timer: asyncio.TimerHandle | None = self.loop.call_at(self.start + guard.timeout_s, self._check)
+
+    def deadline(self) -> float:
+        g = self.guard
+        return self.start + min(g.timeout_s + self.received / g.min_rate, g.max_s)
+
+    def _check(self) -> None:
+        deadline = self.deadline()
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._check)
+            return
+        self._timer = None
+        g = self.guard
+        self.expired = "total" if g.timeout_s + self.received / g.min_rate >= g.max_s else "rate"
+        if self._waiting is not None:
+            self._waiting.cancel()
+        self._record()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _next(self) -> Message:
+        """The next message of the body; _Expired once the deadline has passed."""
+        if self.expired:
+            raise _Expired
+        if self.done:  # after the body only a disconnect can come: no deadline for waiting on it
+            return await self._receive()
+        task = self._waiting = asyncio.current_task()
+        try:
+            message = await self._receive()
+        except asyncio.CancelledError:
+            # Ours (the deadline) unless someone else cancelled the task too (a shutdown).
+            if self.expired and task is not None and task.uncancel() == 0:
+                raise _Expired from None
+            raise
+        finally:
+            self._waiting = None
+        self.read_any = True
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                self._finish()
+        else:  # http.disconnect: nothing more will come
+            self._finish()
+        return message
+
+    def _finish(self) -> None:
+        self.done = True
+        self.stop()
+
+    async def receive(self) -> Message:
+        try:
+            return await self._next()
+        except _Expired:
+            self.told_app = True
+            raise self.error() from None
+
+    async def send(self, message: Message) -> None:
+        if self.told_app:
+            return  # the app's answer to a body it never got whole: the 408 replaces it
+        if message["type"] == "http.response.start":
+            self.response_started = True
+            if not self.done:
+                await self._drain()
+                if not self.done:
+                    message = _closing(message)
+        await self._send(message)
+
+    async def _drain(self) -> None:
+        """Reads and drops the rest of the body, within its deadline and the size limit."""
+        limit = self.guard.max_body_bytes
+        if (self.expects_continue and not self.read_any) or (self.declared or 0) > limit:
+            return  # a client waiting for 100 Continue has sent nothing; an oversized body is not read
+        while not self.done and self.received <= limit:
+            try:
+                await self._next()
+            except _Expired:
+                return
+
+    def error(self) -> BodyTimedOut:
+        g = self.guard
+        of = f"{self.declared}" if self.declared is not None else "an unknown number of"
+        if self.expired == "total":
+            why = f"more than VAE_BODY_TIMEOUT_MAX_S={g.max_s:g} s, the longest any body may take"
+        else:
+            why = (
+                f"more than a body may take: VAE_BODY_TIMEOUT_S={g.timeout_s:g} s, plus 1 s for every "
+                f"VAE_BODY_MIN_RATE={g.min_rate} bytes received"
+            )
+        return BodyTimedOut(
+            f"the request body did not arrive in time: {self.received} of {of} bytes in "
+            f"{self.loop.time() - self.start:.1f} s, {why}. Send the body at least that fast; "
+            "an operator can raise those settings for clients on slower links",
+            headers={"Connection": "close"},
+            limit=self.expired,
+            received_bytes=self.received,
+        )
+
+    def _record(self) -> None:
+        g = self.guard
+        if self.response_started:  # an earlier answer (a refusal) waited on this body: it goes now
+            outcome = "closing the connection after its answer"
+        else:
+            outcome = "answering 408 and freeing its slot"
+            g.metrics.body_timeouts.labels(self.expired).inc()
+        address = client_address(self.scope) or "(no address)"
+        limit = (
+            f"VAE_BODY_TIMEOUT_MAX_S={g.max_s:g} s"
+            if self.expired == "total"
+            else f"VAE_BODY_TIMEOUT_S={g.timeout_s:g} s + bytes / VAE_BODY_MIN_RATE={g.min_rate} B/s"
+        )
+        g.warnings.warning(
+            (address, self.expired, self.response_started),
+            "slow request body from %s on %s %s: %d of %s bytes after %.1f s, past %s; %s",
+            address,
+            self.scope.get("method", ""),
+            self.scope.get("path", ""),
+            self.received,
+            self.declared if self.declared is not None else "?",
+            self.loop.time() - self.start,
+            limit,
+            outcome,
+        )
+
+
+def _closing(message: Message) -> Message:
+    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"]
+    return {**message, "headers": [*headers, (b"connection", b"close")]}
+
+
+def _body_headers(scope: Scope) -> tuple[int | None, bool, bool]:
+    """(Content-Length or None, chunked, Expect: 100-continue) as the client sent them."""
+    declared: int | None = None
+    chunked = expects_continue = False
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = None
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"expect":
+            expects_continue = value.lower() == b"100-continue"
+    return declared, chunked, expects_continue

@@ -111,12 +111,17 @@ async def slow_body(
     report: Report,
     interval: float = 7.0,
     reopen: bool = True,
+    forwarded_for: str | None = None,
+    prefix: int = 0,
     path: str = "/sample",
 ) -> None:
-    """One slow client: the headers, then a byte every `interval` s, reconnecting when closed."""
+    """One slow client: the headers, then a byte every `interval` s, reconnecting when closed.
+    `forwarded_for`: an X-Forwarded-For header to send (a proxy's, or a spoofing attempt).
+    `prefix`: bytes of the body sent at once before the trickle (more than a balancer buffers)."""
+    forwarded = f"X-Forwarded-For: {forwarded_for}\r\n" if forwarded_for else ""
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {BODY_BYTES}\r\n\r\n"
+        f"{forwarded}Content-Length: {BODY_BYTES}\r\n\r\n"
     ).encode()
     while time.monotonic() < until:
         try:
@@ -129,7 +134,7 @@ async def slow_body(
         closed = False
         answer = b""
         try:
-            writer.write(head)
+            writer.write(head + b"1" * prefix)
             while True:
                 try:
                     data = await asyncio.wait_for(reader.read(65536), timeout=interval)
@@ -176,17 +181,30 @@ async def attack(
     reopen: bool = True,
     ordinary: int = 4,
     grace: float = 0.0,
+    forwarded: bool = False,
+    prefix: int = 0,
 ) -> Report:
     """`connections` slow clients spread over `sources` for `duration` s, with `ordinary`
     ordinary clients beside them; the slow ones still open at the end are closed by us then.
-    `grace`: how long the ordinary clients go on after the slow ones stop."""
+    `grace`: how long the ordinary clients go on after the slow ones stop. `forwarded`: each
+    slow connection says in X-Forwarded-For that it relays another client, 10.9.x.y."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     report = Report(duration)
     origin = time.monotonic()
     until = origin + duration
     slow = [
-        slow_body(host, port, sources[k % len(sources)], until, report, interval, reopen)
+        slow_body(
+            host,
+            port,
+            sources[k % len(sources)],
+            until,
+            report,
+            interval,
+            reopen,
+            forwarded_for=f"10.9.{k // 250}.{k % 250 + 1}" if forwarded else None,
+            prefix=prefix,
+        )
         for k in range(connections)
     ]
     load = [ordinary_client(url, origin, until + grace, report) for _ in range(ordinary)]
@@ -208,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ordinary", type=int, default=4, help="ordinary clients, back to back")
     parser.add_argument("--settle", type=float, default=15.0, help="report the ordinary 200s after this")
     parser.add_argument("--no-reopen", dest="reopen", action="store_false")
+    parser.add_argument(
+        "--forwarded",
+        action="store_true",
+        help="each slow connection claims another client in X-Forwarded-For",
+    )
+    parser.add_argument(
+        "--prefix", type=int, default=0, help="body bytes each slow client sends at once before trickling"
+    )
     args = parser.parse_args(argv)
     host = urlsplit(args.url).hostname or ""
     if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
@@ -221,11 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             args.interval,
             args.reopen,
             args.ordinary,
+            forwarded=args.forwarded,
+            prefix=args.prefix,
         )
     )
     print(
         f"{args.connections} slow connections from {args.sources} for {args.duration:g} s "
-        f"(a byte every {args.interval:g} s, {'reopened' if args.reopen else 'not reopened'}), "
+        f"({args.prefix} bytes, then a byte every {args.interval:g} s; "
+        f"{'reopened' if args.reopen else 'not reopened'}), "
         f"{args.ordinary} ordinary clients from 127.0.0.1 against {args.url}"
     )
     for line in report.lines(args.settle):

@@ -40,8 +40,8 @@ class Metrics:
         self.body_timeouts = Counter(
             "vae_http_body_timeouts_total",
             "Requests answered 408 because their body did not arrive in time, by the limit hit: "
-            "rate (VAE_BODY_TIMEOUT_S plus a second per VAE_BODY_MIN_RATE bytes) or total "
-            "(VAE_BODY_TIMEOUT_MAX_S).",
+            "rate (VAE_BODY_TIMEOUT_S plus a second per VAE_BODY_MIN_RATE bytes), idle "
+            "(VAE_BODY_TIMEOUT_S without a byte) or total (VAE_BODY_TIMEOUT_MAX_S).",
             ["limit"],
             registry=r,
         )

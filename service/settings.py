@@ -131,8 +131,9 @@ class Settings(BaseSettings):
         ge=0.0,
         le=3600.0,
         description="Time a request body may take to arrive, from the request's headers, before the "
-        "bytes that arrive extend it (VAE_BODY_MIN_RATE); past it the request gets 408 and its "
-        "connection is closed, freeing its slot. 0: no deadline.",
+        "bytes that arrive extend it (VAE_BODY_MIN_RATE), and the longest it may pause without a "
+        "byte; past either the request gets 408 and its connection is closed, freeing its slot. "
+        "0: no deadline.",
     )
     body_min_rate: int = Field(
         4096,

@@ -1,7 +1,9 @@
 """A request body has a deadline, which the bytes that arrive extend (Apache mod_reqtimeout's
 `body=10,MinRate=4096`): VAE_BODY_TIMEOUT_S from the request's headers, plus one second for
-every VAE_BODY_MIN_RATE bytes received, and VAE_BODY_TIMEOUT_MAX_S at most in all. A body
-that misses it, whether it trickles or stopped mid-way, is answered 408 with
+every VAE_BODY_MIN_RATE bytes received, and VAE_BODY_TIMEOUT_MAX_S at most in all; and no
+more than VAE_BODY_TIMEOUT_S may pass without a byte, however many came before (nginx's
+client_body_timeout). A body that misses either, because it trickles or because it stopped
+mid-way, is answered 408 with
 `Connection: close`: the request's admission slot (service.edge.admission) and its socket
 are freed at once.
 
@@ -104,26 +106,30 @@ class _Body:
         self.loop = asyncio.get_running_loop()
         self.start = self.loop.time()
         self.received = 0
+        self.last_bytes = self.start  # when bytes last arrived
         self.read_any = False
         self.done = False  # the last part of the body (or the client's disconnect) has come
-        self.expired: str | None = None  # the limit it missed: "rate" or "total"
+        self.expired: str | None = None  # the limit it missed: "rate", "total" or "idle"
         self.told_app = False  # the app got BodyTimedOut: its answer is dropped, the 408 replaces it
         self.response_started = False
         self._waiting: asyncio.Task[object] | None = None
         self._timer: asyncio.TimerHandle | None = self.loop.call_at(self.start + guard.timeout_s, self._check)
 
-    def deadline(self) -> float:
+    def deadlines(self) -> dict[str, float]:
         g = self.guard
-        return self.start + min(g.timeout_s + self.received / g.min_rate, g.max_s)
+        return {
+            "rate": self.start + g.timeout_s + self.received / g.min_rate,
+            "total": self.start + g.max_s,
+            "idle": self.last_bytes + g.timeout_s,
+        }
 
     def _check(self) -> None:
-        deadline = self.deadline()
+        limit, deadline = min(self.deadlines().items(), key=lambda item: item[1])
         if self.loop.time() < deadline:
             self._timer = self.loop.call_at(deadline, self._check)
             return
         self._timer = None
-        g = self.guard
-        self.expired = "total" if g.timeout_s + self.received / g.min_rate >= g.max_s else "rate"
+        self.expired = limit
         if self._waiting is not None:
             self._waiting.cancel()
         self._record()
@@ -151,7 +157,9 @@ class _Body:
             self._waiting = None
         self.read_any = True
         if message["type"] == "http.request":
-            self.received += len(message.get("body", b""))
+            if chunk := len(message.get("body", b"")):
+                self.received += chunk
+                self.last_bytes = self.loop.time()
             if not message.get("more_body", False):
                 self._finish()
         else:  # http.disconnect: nothing more will come
@@ -196,6 +204,8 @@ class _Body:
         of = f"{self.declared}" if self.declared is not None else "an unknown number of"
         if self.expired == "total":
             why = f"more than VAE_BODY_TIMEOUT_MAX_S={g.max_s:g} s, the longest any body may take"
+        elif self.expired == "idle":
+            why = f"with no byte for VAE_BODY_TIMEOUT_S={g.timeout_s:g} s, the longest a body may pause"
         else:
             why = (
                 f"more than a body may take: VAE_BODY_TIMEOUT_S={g.timeout_s:g} s, plus 1 s for every "
@@ -218,11 +228,11 @@ class _Body:
             outcome = "answering 408 and freeing its slot"
             g.metrics.body_timeouts.labels(self.expired).inc()
         address = client_address(self.scope) or "(no address)"
-        limit = (
-            f"VAE_BODY_TIMEOUT_MAX_S={g.max_s:g} s"
-            if self.expired == "total"
-            else f"VAE_BODY_TIMEOUT_S={g.timeout_s:g} s + bytes / VAE_BODY_MIN_RATE={g.min_rate} B/s"
-        )
+        limit = {
+            "total": f"VAE_BODY_TIMEOUT_MAX_S={g.max_s:g} s",
+            "idle": f"VAE_BODY_TIMEOUT_S={g.timeout_s:g} s without a byte",
+            "rate": f"VAE_BODY_TIMEOUT_S={g.timeout_s:g} s + bytes / VAE_BODY_MIN_RATE={g.min_rate} B/s",
+        }[self.expired or "rate"]
         g.warnings.warning(
             (address, self.expired, self.response_started),
             "slow request body from %s on %s %s: %d of %s bytes after %.1f s, past %s; %s",

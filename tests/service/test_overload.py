@@ -70,6 +70,10 @@ def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "false",
         "--max-concurrent-requests",
         str(MAX_CONCURRENT),
+        # Every client here is 127.0.0.1: the global limit is under test, not one client's share
+        # (tests/service/test_slow_clients.py).
+        "--max-client-share",
+        "1",
     )
     yield served
     served.kill()

@@ -87,24 +87,38 @@ def status_headers_body(sent: list[Message]) -> tuple[int, dict[bytes, bytes], b
     return start["status"], dict(start.get("headers", [])), body
 
 
-def test_a_body_that_stops_mid_way_gets_408_naming_the_limit(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_body_that_trickles_gets_408_naming_the_limit(caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics()
     app = guard(reads_its_body, metrics)
-    receive = scheduled([(0.0, b"x" * 100)], complete=False)  # 100 of 1000 bytes, then nothing
+    # 10 bytes every 0.1 s (100 B/s, a tenth of the minimum rate): never idle, always behind.
+    receive = scheduled([(0.1, b"x" * 10) for _ in range(50)])
     with caplog.at_level(logging.WARNING, "service.edge.body_deadline"):
-        sent, took = asyncio.run(call(app, scope_for(1000), receive))
+        sent, took = asyncio.run(call(app, scope_for(500), receive))
     status, headers, body = status_headers_body(sent)
-    # 0.3 s, plus 0.1 s for the 100 bytes at 1000 B/s
-    assert status == 408 and 0.35 < took < 1.0, (status, took)
+    # 0.3 s plus 1 s per 1000 bytes: the deadline meets the bytes at 1/3 s.
+    assert status == 408 and 0.3 < took < 0.8, (status, took)
     assert headers[b"connection"] == b"close"  # the socket goes, not only the slot
     problem = orjson.loads(body)
     assert problem["type"] == "urn:vae:problem:body-timeout" and problem["limit"] == "rate"
-    assert problem["received_bytes"] == 100
-    for named in ("100 of 1000 bytes", "VAE_BODY_TIMEOUT_S=0.3", "VAE_BODY_MIN_RATE=1000"):
+    assert 20 <= problem["received_bytes"] <= 50, problem
+    for named in (" of 500 bytes", "VAE_BODY_TIMEOUT_S=0.3", "VAE_BODY_MIN_RATE=1000"):
         assert named in problem["detail"], problem["detail"]
     assert [m for m in sent if m["type"] == "http.response.start"] == sent[:1]  # the app's answer dropped
     assert metric(metrics_text(metrics), "vae_http_body_timeouts_total", limit="rate") == 1
     assert "127.0.0.2" in caplog.text and "VAE_BODY_MIN_RATE" in caplog.text, caplog.text
+
+
+def test_a_body_that_stops_mid_way_gets_408_after_a_pause_however_much_came_before() -> None:
+    metrics = Metrics()
+    # 900 bytes at once would buy 0.9 s more under the rate alone; a pause of 0.3 s ends it.
+    receive = scheduled([(0.0, b"x" * 900)], complete=False)
+    sent, took = asyncio.run(call(guard(reads_its_body, metrics), scope_for(1000), receive))
+    status, headers, body = status_headers_body(sent)
+    assert status == 408 and 0.25 < took < 0.7 and headers[b"connection"] == b"close", (status, took)
+    problem = orjson.loads(body)
+    assert problem["limit"] == "idle" and problem["received_bytes"] == 900
+    assert "no byte for VAE_BODY_TIMEOUT_S=0.3 s" in problem["detail"], problem["detail"]
+    assert metric(metrics_text(metrics), "vae_http_body_timeouts_total", limit="idle") == 1
 
 
 def test_arriving_bytes_extend_the_deadline_so_a_body_at_the_minimum_rate_succeeds() -> None:

@@ -8,6 +8,7 @@ The figures go to tests/output/images.json, docs/deployment.md quotes them."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -37,6 +38,7 @@ from deploy_files import image_uid, one, render
 from process_support import BackgroundClients, free_port, metric
 from service_support import b64, drawn_digit, encoded, png
 
+from bench.slow_clients import attack
 from tests import reliability
 from tests.conftest import HAS_MNIST, MNIST_DIR
 
@@ -471,6 +473,46 @@ def test_replicas_behind_the_balancer_survive_a_rolling_restart_and_a_killed_rep
         "balancer_retries": retries,
     }
     save_figures()
+
+
+def test_slow_clients_through_the_balancer_leave_the_others_served(scaled: Compose, podman: Engine) -> None:
+    """Issue 25 through the scale-out deployment: 200 slow-body connections from 127.0.0.2 for
+    20 s, reopened as they close, beside 4 ordinary clients. Bodies that fit HAProxy's buffer
+    are cut by its `timeout http-request` (408, never reaching a replica); bodies larger than
+    the buffer reach the replicas, whose own deadline answers them."""
+    url = f"http://127.0.0.1:{scaled.env['VAE_HTTP_PORT']}"
+    scaled("up", "--detach", "--no-build")
+    wait_ready(url)
+    small = asyncio.run(attack(url, ["127.0.0.2"], 200, duration=20, interval=1.0))
+    large = asyncio.run(attack(url, ["127.0.0.2"], 200, duration=20, interval=1.0, prefix=20_000))
+    replicas = scaled.containers("api")
+    logs = "".join(log.stdout + log.stderr for log in (podman("logs", c, check=False) for c in replicas))
+    seen_as = sorted(set(re.findall(r"slow request body from (\S+)", logs)))
+    figures["slow_clients"] = {
+        "small_bodies": small.lines(15),
+        "large_bodies": large.lines(15),
+        "replicas_saw_slow_clients_as": seen_as,
+    }
+    save_figures()
+    for report in (small, large):
+        statuses = {c.status for c in report.slow if c.closed_by_server}
+        assert statuses <= {408, 429}, statuses
+        assert report.longest_hold() <= 30, report.lines(15)
+    assert small.ordinary_ok() >= 0.99, small.lines(15)
+    row(
+        "slow bodies through HAProxy: 200 connections from one address sending 100,000-byte bodies a "
+        "byte a second, reopened as they close, 20 s; 4 ordinary clients beside them",
+        len(small.ordinary),
+        f"{small.ordinary_ok():.2%} of ordinary requests × 200; every slow one 408 from the balancer, "
+        f"held ≤ {small.longest_hold():.1f} s",
+    )
+    row(
+        "the same with 20,000 bytes sent at once (more than HAProxy buffers), then a byte a second",
+        len(large.ordinary),
+        f"{large.ordinary_ok():.2%} of ordinary requests × 200; slow ones answered "
+        f"{dict(Counter(c.status for c in large.slow if c.closed_by_server))} by the replicas, held ≤ "
+        f"{large.longest_hold():.1f} s",
+    )
 
 
 # ---------------------------------------------------------------------------- 5. kubernetes

@@ -247,8 +247,33 @@ def test_the_scale_override_and_its_balancer_agree_with_the_app(api: InProcess) 
     [mount] = scale["lb"]["volumes"]
     assert (ROOT / mount["source"]).resolve() == HAPROXY_CFG and mount["read_only"]
     # The balancer must wait longer for an answer than the service lets a request run.
+    settings = make_settings(ROOT / "model_store")
     server_timeout = duration_seconds(re.search(r"^\s*timeout server (\S+)", cfg, re.M).group(1))
-    assert server_timeout > make_settings(ROOT / "model_store").request_timeout_s
+    assert server_timeout > settings.request_timeout_s
+
+
+def test_the_balancer_stops_slow_clients_and_names_the_others_to_the_replicas() -> None:
+    """Slow clients (issue 25): HAProxy gives a request (headers, and the body up to a buffer)
+    no longer than a replica gives a body, answers that 408 in the service's problem format,
+    replaces any X-Forwarded-For a client sent with the peer's address, and the replicas
+    believe that header, so that their per-client share counts clients, not the balancer."""
+    cfg = HAPROXY_CFG.read_text()
+    settings = make_settings(ROOT / "model_store")
+    request_timeout = duration_seconds(re.search(r"^\s*timeout http-request (\S+)", cfg, re.M).group(1))
+    client_timeout = duration_seconds(re.search(r"^\s*timeout client (\S+)", cfg, re.M).group(1))
+    assert request_timeout <= settings.body_timeout_s and client_timeout <= settings.body_timeout_s
+    assert re.search(r"^\s*option http-buffer-request\s*$", cfg, re.M)
+    [error] = re.findall(
+        r"^\s*http-error status 408 content-type (\S+) string '([^']+)' hdr Connection close$", cfg, re.M
+    )
+    assert error[0] == "application/problem+json"
+    problem = json.loads(error[1])
+    assert problem["status"] == 408 and problem["type"] == "urn:vae:problem:body-timeout"
+    lines = [line.strip() for line in cfg.splitlines()]
+    assert lines.index("http-request del-header X-Forwarded-For") > lines.index("frontend api")
+    assert "option forwardfor" in lines
+    scale = compose(COMPOSE_SCALE)["services"]
+    assert service_env(scale["api"])["VAE_FORWARDED_ALLOW_IPS"] and not scale["api"]["ports"]
 
 
 def test_every_variable_set_is_one_the_programs_read() -> None:
@@ -258,10 +283,12 @@ def test_every_variable_set_is_one_the_programs_read() -> None:
     all_stages = stages()
     services = {**compose()["services"]}
     gpu = compose(COMPOSE_GPU)["services"]
+    scale = compose(COMPOSE_SCALE)["services"]
     for name, known in (("api", served), ("trainer", trained)):
         names = (
             set(stage_env(all_stages, name)) | set(service_env(services[name])) | set(service_env(gpu[name]))
         )
+        names |= set(service_env(scale.get(name, {})))
         unknown = {n for n in names if n.startswith("VAE_")} - known
         assert not unknown, f"{name} sets {sorted(unknown)}, which {name} does not read"
 

@@ -69,9 +69,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         401: "Missing or wrong API key (only when VAE_API_KEY is set).",
         404: "Unknown model.",
+        408: "The request body did not arrive in time (VAE_BODY_TIMEOUT_S, plus a second per "
+        "VAE_BODY_MIN_RATE bytes received, at most VAE_BODY_TIMEOUT_MAX_S): type `body-timeout`, "
+        "sent with Connection: close.",
         413: "Request body over VAE_MAX_BODY_BYTES.",
         415: "Wrong Content-Type.",
         422: "Invalid input; `detail` says what is wrong and what is expected.",
+        429: "This client address already has its share of the server's requests in flight "
+        "(VAE_MAX_CLIENT_SHARE of VAE_MAX_CONCURRENT_REQUESTS): type `too-many-from-client`, with "
+        "Retry-After.",
         500: "The model failed on this request's input (it raised, or gave NaN or infinity): type "
         "`model-failed`; other requests are unaffected and the server's log has the cause.",
         503: "Not ready (the models are loading or the server is stopping), overloaded (a full queue, "

@@ -262,3 +262,29 @@ def test_warnings_about_one_client_are_throttled_and_counted(caplog: pytest.LogC
 
 def metrics_text(metrics: Metrics) -> str:
     return generate_latest(metrics.registry).decode()
+
+
+def test_a_slot_is_free_once_the_answer_is_sent_before_the_app_has_returned() -> None:
+    """A client may send its next request the moment it has an answer: with one slot per
+    client, that request is admitted although the first one's app is still cleaning up (W1's
+    32 connections otherwise met a 429 now and then)."""
+    answered, cleaned_up = asyncio.Event(), asyncio.Event()
+
+    async def slow_clean_up(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await reads_its_body(scope, receive, send)
+        if scope["path"] == "/first":
+            answered.set()
+            await cleaned_up.wait()
+
+    admission = AdmissionMiddleware(slow_clean_up, max_concurrent=4, per_client=1, metrics=Metrics())
+
+    async def run() -> int:
+        first = asyncio.create_task(call(admission, scope_for(1, path="/first"), scheduled([(0.0, b"1")])))
+        await answered.wait()
+        sent, _ = await call(admission, scope_for(1, path="/second"), scheduled([(0.0, b"1")]))
+        cleaned_up.set()
+        await first
+        return status_headers_body(sent)[0]
+
+    assert asyncio.run(run()) == 200
+    assert admission.in_flight == 0 and admission.by_client == {}

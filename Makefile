@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FUZZ_EXAMPLES ?= 200
 
-.PHONY: serve test image-test install install-dev lint model model-2d model-prior model-2d-prior bench screenshot clean fuzz reliability
+.PHONY: serve test image-test install install-dev lint model model-2d model-prior model-2d-prior bench slow-clients screenshot clean fuzz reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,12 @@ bench: install
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } \
 		|| { echo "make bench needs the load generator wrk: sudo apt-get install -y wrk (Debian/Ubuntu) or brew install wrk (macOS)"; exit 1; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The slow-body attack (docs/deployment.md#slow-and-greedy-clients) against a server already
+# running on this machine: 200 slow connections from 127.0.0.2 for 40 s beside 4 ordinary
+# clients, then what each saw. SLOW_ARGS="--url http://127.0.0.1:8000 --sources 127.0.1.1-100".
+slow-clients: install
+	$(BIN)/python -m bench.slow_clients $(SLOW_ARGS)
 
 # The shipped models. Each command reproduces its artifact (bit-for-bit weights on CPU for
 # the same torch build); the new version lands beside the shipped ones in model_store/.

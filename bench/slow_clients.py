@@ -63,6 +63,17 @@ class Report:
     def longest_hold(self) -> float:
         return max((c.held for c in self.slow), default=0.0)
 
+    def summary(self) -> dict[str, object]:
+        """What a run saw, as JSON-ready numbers (for a run inside a container)."""
+        return {
+            "slow_opened": len(self.slow),
+            "slow_answers": dict(Counter(str(c.status) for c in self.slow if c.closed_by_server)),
+            "slow_still_open": sum(not c.closed_by_server for c in self.slow),
+            "longest_hold_s": round(self.longest_hold(), 2),
+            "ordinary": len(self.ordinary),
+            "ordinary_ok": self.ordinary_ok(),
+        }
+
     def lines(self, settle: float) -> list[str]:
         statuses = Counter(o.status for o in self.ordinary)
         answers = Counter(c.status if c.closed_by_server else "still open" for c in self.slow)
@@ -159,9 +170,11 @@ async def slow_body(
             return
 
 
-async def ordinary_client(url: str, origin: float, until: float, report: Report) -> None:
-    """Back-to-back `POST /sample {"n": 1}` from 127.0.0.1 (the default source)."""
-    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.1")
+async def ordinary_client(
+    url: str, origin: float, until: float, report: Report, source: str | None = "127.0.0.1"
+) -> None:
+    """Back-to-back `POST /sample {"n": 1}` from `source` (None: the route's own address)."""
+    transport = httpx.AsyncHTTPTransport(local_address=source)
     async with httpx.AsyncClient(base_url=url, transport=transport, timeout=10.0) as client:
         while time.monotonic() < until:
             sent = time.monotonic()
@@ -183,6 +196,7 @@ async def attack(
     grace: float = 0.0,
     forwarded: bool = False,
     prefix: int = 0,
+    ordinary_source: str | None = "127.0.0.1",
 ) -> Report:
     """`connections` slow clients spread over `sources` for `duration` s, with `ordinary`
     ordinary clients beside them; the slow ones still open at the end are closed by us then.
@@ -207,7 +221,7 @@ async def attack(
         )
         for k in range(connections)
     ]
-    load = [ordinary_client(url, origin, until + grace, report) for _ in range(ordinary)]
+    load = [ordinary_client(url, origin, until + grace, report, ordinary_source) for _ in range(ordinary)]
     await asyncio.gather(*slow, *load)
     return report
 

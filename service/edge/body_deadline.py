@@ -68,7 +68,7 @@ class BodyDeadlineMiddleware:
         if scope["type"] != "http" or not self.timeout_s:
             await self.app(scope, receive, send)
             return
-        declared, chunked, expects_continue = _body_headers(scope)
+        declared, chunked, expects_continue = body_headers(scope)
         if not declared and not chunked:  # no body to wait for (GET, HEAD, an empty POST)
             await self.app(scope, receive, send)
             return
@@ -252,7 +252,7 @@ def _closing(message: Message) -> Message:
     return {**message, "headers": [*headers, (b"connection", b"close")]}
 
 
-def _body_headers(scope: Scope) -> tuple[int | None, bool, bool]:
+def body_headers(scope: Scope) -> tuple[int | None, bool, bool]:
     """(Content-Length or None, chunked, Expect: 100-continue) as the client sent them."""
     declared: int | None = None
     chunked = expects_continue = False

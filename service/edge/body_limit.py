@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.edge.body_deadline import body_headers
 from service.errors import BodyTooLarge, response_for
 
 
@@ -28,7 +29,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared = body_headers(scope)[0]
         if declared is not None and declared > self.max_body_bytes:
             response = response_for(self._error(f"{declared} bytes (Content-Length)"), scope.get("path"))
             await response(scope, receive, send)
@@ -64,13 +65,3 @@ class BodyLimitMiddleware:
         if exceeded and not response_started:
             response = response_for(self._error(f"over {self.max_body_bytes} bytes"), scope.get("path"))
             await response(scope, receive, send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    for key, value in scope.get("headers", ()):
-        if key == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None

@@ -80,6 +80,7 @@ MNIST_TEST = ROOT.parent / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 300.0
 BUSY_LOAD = 0.5  # 1-minute load average above which the figures are flagged
+SETTLE_S = 0.5  # after a warm-up run, for the requests wrk left in flight
 # The code before issue 15 (pass sizes that track the queue, a cheaper event loop): the
 # `before` server of docs/performance.md's comparison.
 BASELINE_REF = "59b41a6"
@@ -385,6 +386,10 @@ def measure(
 ) -> Result:
     if warmup > 0:
         wrk_run(wrk, server, workload, work, warmup)
+        # wrk exits with up to one request per connection still being answered; those would
+        # count against the measured run's own connections from the same address (our server's
+        # per-client share refused some with 429: 159 in one W1 run), so let them finish first.
+        time.sleep(SETTLE_S)
     before, server_before = children_cpu(), tree_cpu_seconds(server.process.pid)
     raw = wrk_run(wrk, server, workload, work, seconds)
     wrk_cpu = children_cpu() - before

@@ -158,7 +158,6 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         timeout_s=settings.body_timeout_s,
         min_rate=settings.body_min_rate,
         max_s=settings.body_timeout_max_s,
-        max_body_bytes=settings.max_body_bytes,
     )
     app.add_middleware(explorer.PageHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
@@ -168,7 +167,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "Accept", "Authorization", "X-API-Key"],
-            expose_headers=["X-Seed", "X-Prior"],
+            expose_headers=["X-Seed", "X-Prior", "Retry-After"],
         )
     if settings.forwarded_allow_ips:  # first of all: every layer, the logs too, sees the real client
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)

@@ -24,9 +24,10 @@ held; this bounds how many one client holds). The address is the peer's, or the 
 one behind the proxies of VAE_FORWARDED_ALLOW_IPS (service.edge.clients); over a Unix
 socket there is none, and only the global limit applies.
 
-A refusal is answered at once; service.edge.body_deadline then reads and drops the body the
-client is still sending (within the body deadline) before the answer goes out, so that a
-client that sends its whole body before reading gets the answer, not a reset.
+A refusal is answered at once; service.edge.body_deadline then reads and drops up to 64 KiB
+more of the body the client is still sending (within the body deadline) before the answer
+goes out, so that a client that sends its whole body before reading gets the answer, not a
+reset, and a refused slow client waits in no slot instead of coming straight back.
 """
 
 from __future__ import annotations

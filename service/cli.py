@@ -161,17 +161,23 @@ def main(argv: list[str] | None = None) -> None:
         log.error("vae-serve cannot start: %s", exc)
         sys.exit(EXIT_NO_MODELS)
     app = create_app(settings, registry)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_config=log_config,
-        timeout_graceful_shutdown=args.graceful_timeout,
-        access_log=settings.access_log,
+    uvicorn.run(app, **server_options(args, settings, log_config))
+
+
+def server_options(
+    args: argparse.Namespace, settings: Settings, log_config: dict[str, Any]
+) -> dict[str, Any]:
+    """uvicorn's options, the same with one process or several."""
+    return {
+        "host": args.host,
+        "port": args.port,
+        "log_config": log_config,
+        "timeout_graceful_shutdown": args.graceful_timeout,
+        "access_log": settings.access_log,
         # The app reads X-Forwarded-For itself, from VAE_FORWARDED_ALLOW_IPS only (service.app):
         # uvicorn's own default would trust any request from 127.0.0.1 to name its client.
-        proxy_headers=False,
-    )
+        "proxy_headers": False,
+    }
 
 
 def _ignore_sighup_while_loading() -> None:
@@ -217,15 +223,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, log_config: dic
     uvicorn.run(
         "service.app:create_app",
         factory=True,
-        host=args.host,
-        port=args.port,
         workers=args.workers,
-        log_config=log_config,
-        timeout_graceful_shutdown=args.graceful_timeout,
-        access_log=settings.access_log,
-        # The app reads X-Forwarded-For itself, from VAE_FORWARDED_ALLOW_IPS only (service.app):
-        # uvicorn's own default would trust any request from 127.0.0.1 to name its client.
-        proxy_headers=False,
+        **server_options(args, settings, log_config),
     )
 
 

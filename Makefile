@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FUZZ_EXAMPLES ?= 200
 
-.PHONY: serve test image-test install install-dev lint model model-2d model-prior model-2d-prior bench slow-clients screenshot clean fuzz reliability
+.PHONY: serve test image-test install install-dev lint model model-2d model-prior model-2d-prior bench classes slow-clients screenshot clean fuzz reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,12 @@ bench: install
 		|| { echo "make bench needs the load generator wrk: sudo apt-get install -y wrk (Debian/Ubuntu) or brew install wrk (macOS)"; exit 1; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# Draws of each class through the service, judged by the shipped classifier and by a second one
+# (another seed, trained on first use into runs/): min_confidence's redraw rate per class and
+# what the filtering is worth to a judge that did not do it (bench/classes.py). Minutes.
+classes: install-dev
+	$(BIN)/python -m bench.classes --data-dir $(MNIST_DIR) $(CLASSES_ARGS)
+
 # The slow-body attack (docs/deployment.md#slow-and-greedy-clients) against a server already
 # running on this machine: 200 slow connections from 127.0.0.2 for 40 s beside 4 ordinary
 # clients, then what each saw. SLOW_ARGS="--url http://127.0.0.1:8000 --sources 127.0.1.1-100".
@@ -87,8 +93,12 @@ slow-clients: install
 # The shipped models. Each command reproduces its artifact (bit-for-bit weights on CPU for
 # the same torch build); the new version lands beside the shipped ones in model_store/.
 # `model` and `model-2d` train the VAE and then its learned prior, in one version;
-# `model-prior` and `model-2d-prior` add the learned prior to the shipped v1, as v2 was made.
-PRIOR_ARGS := --prior-kind mixture --prior-codes draws --prior-components 50 --prior-iterations 60
+# `model-prior` and `model-2d-prior` add the class-conditional learned prior (and the shipped
+# classifier) to the shipped v1, as v3 was made: `make model-prior model-2d-prior`, minutes.
+# (v2, format 2, was made by the same targets before format 3, with --prior-codes draws
+# --prior-components 50 --prior-iterations 60 and one mixture for all digits.)
+PRIOR_ARGS := --prior-kind mixture --prior-codes confident-draws --prior-codes-confidence 0.999 \
+	--prior-components 10 --prior-iterations 40
 model: install-dev
 	$(BIN)/vae-train --name mnist --dataset mnist --data-dir $(MNIST_DIR) --epochs 130 \
 		--latent-dim 32 --channels 32 --hidden 512 --blocks 0 --batch-size 128 --lr 1e-3 \

@@ -32,6 +32,7 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.model.inference import tune_process
+from service.model.latents import draw_rows
 from service.model.runtime import ModelRegistry, ModelRuntime, load_registry
 from service.settings import Settings
 
@@ -108,10 +109,16 @@ class InstantModel:
         self.name, self.version, self.latent_dim = real.name, real.version, real.latent_dim
         self.device, self.manifest, self.priors = real.device, real.manifest, real.priors
         self.default_prior = real.default_prior
+        self.classes, self.conditional, self.has_classifier = (
+            real.classes,
+            real.conditional,
+            real.has_classifier,
+        )
         u = np.random.default_rng(0).standard_normal((rows, real.latent_dim), dtype=np.float32)
-        self._z = real.prior(u) if "learned" in real.priors else u
+        self._z = real.prior(draw_rows(u, 1.0, None)) if "learned" in real.priors else u
         self._images = real.decode(self._z)
         self._mu, self._sigma = real.encode(self._images)
+        self._probabilities = real.classify(self._images) if real.has_classifier else None
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._mu[: len(x)].copy(), self._sigma[: len(x)].copy()
@@ -119,8 +126,12 @@ class InstantModel:
     def decode(self, z: np.ndarray) -> np.ndarray:
         return self._images[: len(z)].copy()
 
-    def prior(self, u: np.ndarray) -> np.ndarray:
-        return self._z[: len(u)].copy()
+    def prior(self, rows: np.ndarray) -> np.ndarray:
+        return self._z[: len(rows)].copy()
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        assert self._probabilities is not None
+        return self._probabilities[: len(x)].copy()
 
 
 def instant_registry(settings: Settings) -> ModelRegistry:

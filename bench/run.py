@@ -31,9 +31,16 @@ measured and printed. Workloads (each: a warm-up, then the measured run):
     W4  POST /reconstruct one 28x28 PNG       32 connections
     W1s POST /sample {"n": 1, "prior": "standard"}    (ours only)
     W2s POST /sample {"n": 64, "prior": "standard"}   (ours only)
+    W1l POST /sample {"n": 1, "label": 7}                   (ours only)
+    W5v POST /sample {"n": 16, "return_verdicts": true}      8 connections (ours only)
+    W5  POST /sample {"n": 16}                               8 connections (ours only)
 
 W1 and W2 draw through the model's default prior (the learned one, where it has one); W1s
-and W2s through the standard prior, so the learned prior's cost is their ratio.
+and W2s through the standard prior, so the learned prior's cost is their ratio. W1l asks for
+a class (wrk's script cycles through ten bodies, one per digit): its CPU per request against
+W1's is what `label` costs. W5v against W5 is what verdicts cost; divided by 16, the
+classifier's CPU per image. `python -m bench.classes` measures min_confidence's redraw rate
+per class and checks the filtered draws with a second classifier.
 
 The headline ratios are CPU per request: ours against the ceiling and against the plain app,
 per workload (and against `before` with --baseline). Then, for `ours`: the time from
@@ -104,8 +111,13 @@ WORKLOADS = (
     # model's default prior, the learned one where it has one), what the learned prior costs.
     Workload("W1s", "/sample", "sample1-standard.json", 32, 1),
     Workload("W2s", "/sample", "sample64-standard.json", 8, 64),
+    # A class per request: what `label` costs against W1;
+    # and 16 draws with and without the classifier's verdicts: what verdicts cost per image.
+    Workload("W1l", "/sample", "sample1-label.json", 32, 1),
+    Workload("W5", "/sample", "sample16.json", 8, 16),
+    Workload("W5v", "/sample", "sample16-verdicts.json", 8, 16),
 )
-OURS_ONLY = ("W1s", "W2s")
+OURS_ONLY = ("W1s", "W2s", "W1l", "W5", "W5v")
 
 
 @dataclass
@@ -260,6 +272,9 @@ def write_bodies(work: Path) -> None:
     (work / "sample64.json").write_text(json.dumps({"n": 64}))
     (work / "sample1-standard.json").write_text(json.dumps({"n": 1, "prior": "standard"}))
     (work / "sample64-standard.json").write_text(json.dumps({"n": 64, "prior": "standard"}))
+    (work / "sample1-label.json").write_text(json.dumps({"n": 1, "label": 7}))
+    (work / "sample16.json").write_text(json.dumps({"n": 16}))
+    (work / "sample16-verdicts.json").write_text(json.dumps({"n": 16, "return_verdicts": True}))
     (work / "digit.json").write_text(json.dumps({"images": [base64.b64encode(digit_png()).decode()]}))
 
 
@@ -793,6 +808,16 @@ def report(results: list[Result], extra: dict[str, Any], load_start: str) -> Non
                 f"{key} CPU/request default prior / standard prior",
                 o.cpu_ms_per_request / s.cpu_ms_per_request,
             )
+    if ours["W1"] and ours["W1l"]:
+        value = ours["W1l"].cpu_ms_per_request / ours["W1"].cpu_ms_per_request
+        check("W1l CPU/request with label / W1", value, "<= 1.05", value <= 1.05)
+    if ours["W5"] and ours["W5v"]:
+        extra_us = (ours["W5v"].cpu_ms_per_request - ours["W5"].cpu_ms_per_request) * 1000 / 16
+        check("W5v verdicts: classifier CPU per image (µs)", extra_us)
+        check(
+            "W5v CPU/request with verdicts / W5",
+            ours["W5v"].cpu_ms_per_request / ours["W5"].cpu_ms_per_request,
+        )
     if ours["W1"]:
         p99 = ours["W1"].p99_ms
         check("W1 ours p99 (ms)", p99, "<= 25", p99 <= 25.0)

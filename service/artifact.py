@@ -7,7 +7,9 @@ trainer and the service can use it without importing each other.
 
     <store>/<name>/<version>/
         model.pt        TorchScript: encode(x) -> (mu, sigma), decode(z) -> x, forward(x),
-                        and prior(u) -> z when the model has a learned prior
+                        and the learned prior's map when it has one: prior(u) -> z (format 2),
+                        prior(u, t) -> z and, with classes, prior_given(u, y, t) -> z (format 3)
+        classifier.pt   (format 3, optional) TorchScript: images -> class probabilities
         manifest.json   what the model is, how it was trained and evaluated, and files' sha256
         report/         figures and the model card, for people (and the latent map, for the UI)
 """
@@ -29,11 +31,15 @@ from typing import Any
 import torch
 
 # 2 added the priors: the manifest's `priors` and `default_prior`, and the model's prior(u).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3 added classes (`classes`, the class-conditional prior_given(u, y, t)), the temperature as
+# an argument of the prior (it scales the spread inside a component, never which one is
+# used), and the shipped classifier (`classifier`, classifier.pt) that gives verdicts.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 STANDARD_PRIOR = "standard"  # z = temperature * u, u ~ N(0, I): every model has it
 LEARNED_PRIOR = "learned"  # z = prior(temperature * u): the model's own map from noise to latents
 MODEL_FILE = "model.pt"
+CLASSIFIER_FILE = "classifier.pt"
 MANIFEST_FILE = "manifest.json"
 REPORT_DIR = "report"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -80,6 +86,25 @@ class Artifact:
     def default_prior(self) -> str:
         return default_prior(self.manifest)
 
+    @property
+    def format_version(self) -> int:
+        return int(self.manifest["format_version"])
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names, by index; empty for a model trained without labels (or before format 3)."""
+        return classes(self.manifest)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model's learned prior draws a given class: prior_given(u, y, t)."""
+        learned = (self.manifest.get("priors") or {}).get(LEARNED_PRIOR) or {}
+        return self.format_version >= 3 and bool(self.classes) and bool(learned.get("conditional"))
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.format_version >= 3 and isinstance(self.manifest.get("classifier"), dict)
+
 
 def priors(manifest: dict[str, Any]) -> tuple[str, ...]:
     """The priors a model offers, standard first. A format 1 artifact has the standard one only."""
@@ -93,6 +118,12 @@ def default_prior(manifest: dict[str, Any]) -> str:
     if manifest.get("format_version") == 1:
         return STANDARD_PRIOR
     return manifest["default_prior"]
+
+
+def classes(manifest: dict[str, Any]) -> tuple[str, ...]:
+    if manifest.get("format_version", 0) < 3:
+        return ()
+    return tuple(str(c["name"]) for c in manifest.get("classes") or [])
 
 
 def sha256_file(path: Path) -> str:
@@ -125,11 +156,14 @@ def write_artifact(
     manifest: dict[str, Any],
     report_files: dict[str, bytes] | None = None,
     version: str | None = None,
+    classifier: torch.jit.ScriptModule | None = None,
 ) -> Artifact:
     """Writes a new version of `name` into the store and returns it.
 
     Everything goes into a hidden staging directory beside the final one, which is then
     renamed into place: readers see either no version or the complete one, never a part.
+    A `classifier` (TorchScript, images -> class probabilities) is written as classifier.pt;
+    the manifest's `classifier` entry then says what it is.
     """
     store = Path(store)
     if not NAME_RE.match(name):
@@ -145,12 +179,9 @@ def write_artifact(
     staging = model_dir / f".staging-{version}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            # TorchScript is the contract's format; torch's deprecation notice is not news here.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(scripted_model, buffer)
-        _write(staging / MODEL_FILE, buffer.getvalue())
+        _write(staging / MODEL_FILE, _torchscript_bytes(scripted_model))
+        if classifier is not None:
+            _write(staging / CLASSIFIER_FILE, _torchscript_bytes(classifier))
         for rel, data in (report_files or {}).items():
             target = staging / REPORT_DIR / rel
             if not target.resolve().is_relative_to((staging / REPORT_DIR).resolve()):
@@ -176,6 +207,7 @@ def write_artifact(
         if missing:
             raise ArtifactError(f"manifest lacks required fields: {missing}")
         _check_priors(full, "the manifest to write")
+        _check_classes(full, "the manifest to write")
         _write(staging / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=False).encode() + b"\n")
         _fsync_dir(staging)
         os.rename(staging, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
@@ -184,6 +216,15 @@ def write_artifact(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Artifact(final, full)
+
+
+def _torchscript_bytes(module: torch.jit.ScriptModule) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # TorchScript is the contract's format; torch's deprecation notice is not news here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(module, buffer)
+    return buffer.getvalue()
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -246,8 +287,12 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
     if found >= 2:
         missing = [f for f in REQUIRED_FIELDS_V2 if f not in manifest]
         if missing:
-            raise ArtifactError(f"{manifest_path}: missing required fields {missing} (format_version 2)")
+            raise ArtifactError(
+                f"{manifest_path}: missing required fields {missing} (format_version {found})"
+            )
         _check_priors(manifest, str(manifest_path))
+    if found >= 3:
+        _check_classes(manifest, str(manifest_path))
     return manifest
 
 
@@ -263,6 +308,31 @@ def _check_priors(manifest: dict[str, Any], where: str) -> None:
         raise ArtifactError(
             f"{where}: default_prior {manifest['default_prior']!r} is not among the priors {sorted(offered)}"
         )
+
+
+def _check_classes(manifest: dict[str, Any], where: str) -> None:
+    """`classes`: [{index, name, train_share}] with indices 0, 1, ... in order and distinct
+    names; `classifier`: its file among the artifact's files."""
+    listed = manifest.get("classes")
+    if listed is not None:
+        if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
+            raise ArtifactError(f"{where}: `classes` must be a list of objects {{index, name, train_share}}")
+        indices = [c.get("index") for c in listed]
+        if indices != list(range(len(listed))):
+            raise ArtifactError(
+                f"{where}: `classes` must list indices 0 to {len(listed) - 1} in order, not {indices}"
+            )
+        names = [c.get("name") for c in listed]
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ArtifactError(f"{where}: class names must be distinct non-empty strings, not {names}")
+    classifier = manifest.get("classifier")
+    if classifier is not None:
+        if not isinstance(classifier, dict) or classifier.get("file") != CLASSIFIER_FILE:
+            raise ArtifactError(
+                f"{where}: `classifier` must be an object whose `file` is {CLASSIFIER_FILE!r}"
+            )
+        if not listed:
+            raise ArtifactError(f"{where}: a classifier needs the `classes` it tells apart")
 
 
 def verify(path: Path | str) -> dict[str, Any]:
@@ -302,22 +372,43 @@ def load(path: Path | str, device: str | torch.device = "cpu") -> tuple[torch.ji
     swapped between verification and loading."""
     path = Path(path)
     manifest = verify(path)
-    data = (path / MODEL_FILE).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["files"][MODEL_FILE]:
-        raise ArtifactError(f"{path}: {MODEL_FILE} changed while it was being loaded")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            model = torch.jit.load(io.BytesIO(data), map_location=device)
-    except Exception as exc:  # torch raises RuntimeError and friends for corrupt archives
-        raise ArtifactError(f"{path}: {MODEL_FILE} is not a loadable TorchScript model ({exc})") from exc
-    model.eval()
+    model = _load_torchscript(path, manifest, MODEL_FILE, device)
     art = Artifact(path, manifest)
-    needed = ("encode", "decode", *(("prior",) if LEARNED_PRIOR in art.priors else ()))
+    needed = ["encode", "decode"]
+    if LEARNED_PRIOR in art.priors:
+        needed.append("prior")
+    if art.conditional:
+        needed.append("prior_given")
     for method in needed:
         if not hasattr(model, method):
             raise ArtifactError(f"{path}: the TorchScript model has no {method}() method")
     return model, art
+
+
+def load_classifier(art: Artifact, device: str | torch.device = "cpu") -> torch.jit.ScriptModule | None:
+    """The artifact's classifier (images [B, 1, 28, 28] -> probabilities [B, classes]), from
+    bytes checked against the manifest, or None when it ships none."""
+    if not art.has_classifier:
+        return None
+    return _load_torchscript(art.path, art.manifest, CLASSIFIER_FILE, device)
+
+
+def _load_torchscript(
+    path: Path, manifest: dict[str, Any], rel: str, device: str | torch.device
+) -> torch.jit.ScriptModule:
+    expected = manifest["files"].get(rel)
+    if expected is None:
+        raise ArtifactError(f"{path}: manifest lists no {rel}")
+    data = (path / rel).read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ArtifactError(f"{path}: {rel} changed while it was being loaded")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(io.BytesIO(data), map_location=device)
+    except Exception as exc:  # torch raises RuntimeError and friends for corrupt archives
+        raise ArtifactError(f"{path}: {rel} is not a loadable TorchScript model ({exc})") from exc
+    return module.eval()
 
 
 def read_listed_file(art: Artifact, rel: str) -> bytes | None:

@@ -85,6 +85,24 @@ class UnknownPrior(ProblemError):
     status, slug, title = 422, "unknown-prior", "The model has no such prior"
 
 
+class UnknownLabel(ProblemError):
+    """A `label` the model has no class for, or a label for a model without classes."""
+
+    status, slug, title = 422, "unknown-label", "The model has no such class"
+
+
+class NoClassifier(ProblemError):
+    """Verdicts or min_confidence asked of a model whose artifact ships no classifier."""
+
+    status, slug, title = 422, "no-classifier", "The model has no classifier"
+
+
+class ConfidenceNotReached(ProblemError):
+    """min_confidence: some draws were still not accepted after VAE_MAX_DRAW_ATTEMPTS rounds."""
+
+    status, slug, title = 422, "min-confidence-not-reached", "Too few draws reached min_confidence"
+
+
 class BodyTooLarge(ProblemError):
     status, slug, title = 413, "body-too-large", "Request body too large"
 

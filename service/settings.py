@@ -152,6 +152,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
     max_images: int = Field(256, ge=1, description="Most images (or latent rows for /decode) in one request.")
     max_samples: int = Field(1024, ge=1, description="Largest n for /sample and /sample.png.")
+    max_draw_attempts: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="With min_confidence, how many times a draw is made at most (the first and the "
+        "redraws) before the request is refused with 422 min-confidence-not-reached.",
+    )
     max_image_pixels: int = Field(
         4096 * 4096,
         ge=28 * 28,

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from service import artifact
 from service.app import create_app
 from tests.service_support import Direct, InProcess, make_settings
-from trainer.export import to_torchscript, with_prior
+from trainer.export import classifier_to_torchscript, to_torchscript, with_prior
 from trainer.model import VAE, VAEConfig
-from trainer.prior import MixtureMap
+from trainer.prior import ClassMixtureMap, MixtureMap
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
@@ -38,15 +39,47 @@ def make_artifact(
     version: str | None = None,
     report_files: dict[str, bytes] | None = None,
     learned_prior: bool = False,
+    classes: int = 0,
     **manifest_extra,
 ) -> artifact.Artifact:
     """An untrained (randomly initialised) but fully valid artifact: fast, and enough to test
     everything that does not depend on what the model learned. With learned_prior, it also
-    has a random three-component mixture as its learned (and default) prior: far from N(0, I)."""
+    has a random three-component mixture as its learned (and default) prior: far from N(0, I).
+    With classes, the learned prior is class-conditional instead (two random components per
+    class, well apart), and a random linear classifier ships with it (format 3 in full)."""
     torch.manual_seed(seed)
     vae = VAE(VAEConfig(latent_dim=latent_dim, channels=8, hidden=32, blocks=0))
     model = to_torchscript(vae)
-    if learned_prior:
+    classifier = None
+    if classes:
+        g = torch.Generator().manual_seed(seed)
+        mixture = ClassMixtureMap(
+            class_shares=torch.arange(1, classes + 1, dtype=torch.float64),
+            weights=torch.full((classes, 2), 0.5),
+            means=3 * torch.randn(classes, 2, latent_dim, generator=g),
+            covariances=0.04 * torch.eye(latent_dim).expand(classes, 2, latent_dim, latent_dim),
+        )
+        model = with_prior(model, mixture, conditional=True)
+        linear = nn.Linear(28 * 28, classes)
+        with torch.no_grad():  # large weights on the centred image: verdicts that differ from image to image
+            linear.weight.copy_(SPREAD * torch.randn(classes, 28 * 28, generator=g))
+            linear.bias.zero_()
+        classifier = classifier_to_torchscript(nn.Sequential(nn.Flatten(), _Centred(), linear))
+        names = [f"c{i}" for i in range(classes)]
+        manifest_extra = {
+            "priors": {
+                "standard": {"description": "N(0, I)"},
+                "learned": {"description": "random, per class", "conditional": True},
+            },
+            "default_prior": "learned",
+            "classes": [
+                {"index": i, "name": name, "train_share": round((i + 1) / sum(range(1, classes + 1)), 4)}
+                for i, name in enumerate(names)
+            ],
+            "classifier": {"file": artifact.CLASSIFIER_FILE, "description": "random", "test_accuracy": 0.1},
+            **manifest_extra,
+        }
+    elif learned_prior:
         g = torch.Generator().manual_seed(seed)
         mixture = MixtureMap(
             weights=torch.tensor([0.5, 0.3, 0.2]),
@@ -68,7 +101,73 @@ def make_artifact(
         "metrics": {},
         **manifest_extra,
     }
-    return artifact.write_artifact(store, name, model, manifest, report_files=report_files, version=version)
+    return artifact.write_artifact(
+        store, name, model, manifest, report_files=report_files, version=version, classifier=classifier
+    )
+
+
+SPREAD = 6.0  # the random test classifier's weight scale
+
+
+class _Centred(nn.Module):
+    """Each image minus its mean: an untrained decoder's images differ from each other by little
+    more than that, and the test classifier should tell them apart."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(1, keepdim=True)
+
+
+class _Format2Model(nn.Module):
+    """A model as format 2 shipped it: encode, decode and a one-argument prior(u) -> z, the
+    noise already scaled by the temperature (the contract before format 3)."""
+
+    def __init__(self, base: torch.jit.ScriptModule, mixture: MixtureMap) -> None:
+        super().__init__()
+        self.encoder, self.decoder, self.mixture = base.encoder, base.decoder, mixture
+        self.latent_dim = int(base.latent_dim)
+
+    @torch.jit.export
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    @torch.jit.export
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(z))
+
+    @torch.jit.export
+    def prior(self, u: torch.Tensor) -> torch.Tensor:
+        return self.mixture(u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encoder(x)[0])
+
+
+def make_format_2_artifact(store: Path, name: str, latent_dim: int, seed: int = 0) -> artifact.Artifact:
+    """An artifact as format 2 wrote it: a random learned mixture prior behind prior(u), and a
+    manifest with format_version 2 (not among the hashed files, so it can be rewritten)."""
+    torch.manual_seed(seed)
+    base = to_torchscript(VAE(VAEConfig(latent_dim=latent_dim, channels=8, hidden=32, blocks=0)))
+    g = torch.Generator().manual_seed(seed)
+    mixture = MixtureMap(
+        weights=torch.tensor([0.5, 0.3, 0.2]),
+        means=2 * torch.randn(3, latent_dim, generator=g),
+        covariances=0.04 * torch.eye(latent_dim).expand(3, latent_dim, latent_dim),
+    ).eval()
+    model = torch.jit.script(_Format2Model(base, mixture).eval())
+    manifest = {
+        "created_at": "2026-01-01T00:00:00Z",
+        "image_shape": [1, 28, 28],
+        "latent_dim": latent_dim,
+        "likelihood": "bernoulli",
+        "dataset": {"name": "synthetic", "sha256": None},
+        "metrics": {},
+        "priors": {"standard": {"description": "N(0, I)"}, "learned": {"description": "random"}},
+        "default_prior": "learned",
+    }
+    art = artifact.write_artifact(store, name, model, manifest)
+    written = dict(art.manifest, format_version=2)
+    (art.path / artifact.MANIFEST_FILE).write_text(json.dumps(written))
+    return artifact.Artifact(art.path, written)
 
 
 def synthetic_latent_map(latent_dim: int, points_per_class: int = 30, seed: int = 0) -> dict[str, bytes]:
@@ -98,6 +197,15 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("store")
     make_artifact(store, "tiny", latent_dim=8)
     make_artifact(store, "tiny-2d", latent_dim=2, seed=1, report_files=synthetic_latent_map(2))
+    return store
+
+
+@pytest.fixture(scope="session")
+def classes_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with one format-3 model in full: `tiny-classes` (latent_dim 6, three classes
+    c0, c1, c2, a class-conditional learned prior and a shipped classifier)."""
+    store = tmp_path_factory.mktemp("classes-store")
+    make_artifact(store, "tiny-classes", latent_dim=6, seed=3, classes=3)
     return store
 
 

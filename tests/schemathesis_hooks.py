@@ -3,15 +3,23 @@
     SCHEMATHESIS_HOOKS=tests.schemathesis_hooks schemathesis run URL/openapi.json --checks all
 
 The OpenAPI document states every rule the schema language can hold (service.api.openapi).
-Two that depend on content, not shape, it cannot:
+Three that depend on content, not shape, it cannot:
 - an uploaded image (format `image-base64`) is a PNG or JPEG file with a digit in it: a
   random string is rightly refused (422 invalid-image), so the generator draws real images;
 - a row of z has the latent_dim of the model the request selects (its body's `model`, else
   the `model` query parameter, else the default), and that comes from the server: rows the
   schema admits are padded or cut to that width. Rows the schema forbids are left as they
-  are, so every negative case stays negative.
+  are, so every negative case stays negative;
+- what a model can draw and judge depends on the model (from the body or the query, as
+  for z): `label` must name one of its classes (and the learned prior, not `standard`),
+  verdicts and `min_confidence` need its classifier, and a min_confidence is only reachable
+  where the classifier can be that sure of the draws (not at temperature 100, nor at
+  0.999999). Schema-valid values are mapped onto what the chosen model can do (a label
+  index taken modulo its class count, a name onto one of its names, min_confidence to at
+  most 0.5 at a temperature of at most 1), or left out where it can do none of it.
 Without these, schemathesis' positive_data_acceptance check reports the server's correct
-422s for random strings and wrong widths as "schema-valid request rejected"."""
+422s for random strings, wrong widths and impossible draws as "schema-valid request
+rejected"; tests/service/test_classes_service.py tests those 422s themselves."""
 
 from __future__ import annotations
 
@@ -64,10 +72,16 @@ schemathesis.openapi.media_type("image/jpeg", images(["JPEG"]).map(base64.b64dec
 
 
 @cache
-def latent_dims(base_url: str) -> tuple[str, dict[str, int]]:
-    """(default model, latent_dim of each model), as the server lists them."""
+def models(base_url: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(default model, each model's listing), as the server lists them."""
     listing = httpx.get(f"{base_url.rstrip('/')}/models", headers=_key_header(), timeout=30).json()
-    return listing["default"], {m["name"]: m["latent_dim"] for m in listing["models"]}
+    return listing["default"], {m["name"]: m for m in listing["models"]}
+
+
+def latent_dims(base_url: str) -> tuple[str, dict[str, int]]:
+    """(default model, latent_dim of each model)."""
+    default, listed = models(base_url)
+    return default, {name: m["latent_dim"] for name, m in listed.items()}
 
 
 def _key_header() -> dict[str, str]:
@@ -79,10 +93,59 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _feasible(options: dict[str, Any], model: dict[str, Any] | None, drawn: bool) -> dict[str, Any]:
+    """The options (a /sample body or query, or an image request's) mapped onto what `model`
+    can do; `drawn`: the options of a draw (label, min_confidence, temperature, prior)."""
+    if model is None:  # an unknown model stays unknown: a 404, which the checks accept
+        return options
+    out = dict(options)
+    if not model.get("classifier"):
+        out.pop("return_verdicts", None)
+        out.pop("min_confidence", None)
+    if not drawn:
+        return out
+    label = out.get("label")
+    names = [c["name"] for c in model.get("classes") or []]
+    if label is not None and (not (model.get("conditional") and names) or out.get("prior") == "standard"):
+        del out["label"]
+    elif isinstance(label, int) and not isinstance(label, bool):
+        out["label"] = label % len(names)
+    elif isinstance(label, str) and label not in names:
+        out["label"] = int(label) % len(names) if label.isascii() and label.isdigit() else names[0]
+    confidence = out.get("min_confidence")
+    if confidence is None:
+        return out
+    try:
+        value = float(confidence)
+    except (TypeError, ValueError):
+        return out  # not a number: a negative case, left as it is
+    if 0 < value < 1:  # reachable: at most 0.5, at a temperature of at most 1
+        out["min_confidence"] = min(value, 0.5) if _is_number(confidence) else str(min(value, 0.5))
+        temperature = out.get("temperature")
+        if _is_number(temperature) and temperature > 1:
+            out["temperature"] = 1.0
+        elif isinstance(temperature, str):
+            out["temperature"] = "1.0"
+    return out
+
+
 @schemathesis.hook
 def map_case(context: Any, case: Any) -> Any:
+    path = case.operation.path
+    if path in ("/sample", "/sample.png", "/encode", "/reconstruct"):
+        default, listed = models(case.operation.schema.get_base_url())
+        query = dict(case.query or {})
+        body = case.body if isinstance(case.body, dict) else None
+        chosen = (body or {}).get("model") or query.get("model") or default
+        model = listed.get(chosen) if isinstance(chosen, str) else None
+        drawn = path.startswith("/sample")
+        if body is not None and path != "/sample.png":
+            case.body = _feasible(body, model, drawn)
+        if query:
+            case.query = _feasible(query, model, drawn)
+        return case
     body = case.body
-    if case.operation.path != "/decode" or not isinstance(body, dict):
+    if path != "/decode" or not isinstance(body, dict):
         return case
     z = body.get("z")
     rows = isinstance(z, list) and z and all(isinstance(r, list) and r and all(map(_is_number, r)) for r in z)

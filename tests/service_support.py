@@ -43,6 +43,7 @@ def make_settings(store: Path, **overrides: Any) -> Settings:
         "max_body_bytes": 8 * 1024 * 1024,
         "max_images": 256,
         "max_samples": 1024,
+        "max_draw_attempts": 10,
         "max_image_pixels": 4096 * 4096,
         "max_request_pixels": 4 * 4096 * 4096,
         "cors_origins": [],
@@ -94,9 +95,15 @@ class StandardPriorOnly:
 
     priors: tuple[str, ...] = ("standard",)
     default_prior = "standard"
+    classes: tuple[str, ...] = ()
+    conditional = False
+    has_classifier = False
 
-    def prior(self, u: np.ndarray) -> np.ndarray:
+    def prior(self, rows: np.ndarray) -> np.ndarray:
         raise AssertionError("this double has the standard prior only; prior() must not be called")
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        raise AssertionError("this double has no classifier; classify() must not be called")
 
 
 class Direct:

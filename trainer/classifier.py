@@ -119,10 +119,16 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data/mnist")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="another seed trains the second judge that checks the first's filtering",
+    )
     args = parser.parse_args()
     train = load_split(args.data_dir, "train", "mnist")
     test = load_split(args.data_dir, "test", "mnist")
-    model = train_classifier(train.images, train.labels, epochs=args.epochs)
+    model = train_classifier(train.images, train.labels, epochs=args.epochs, seed=args.seed)
     x = torch.from_numpy(np.array(test.images)).float().div(255).unsqueeze(1)
     labels, _ = predict(model, x)
     accuracy = (labels.numpy() == test.labels).mean()

@@ -18,7 +18,7 @@ from trainer import data
 from trainer.classifier import WEIGHTS, load_classifier, weights_sha256
 from trainer.evaluate import evaluate
 from trainer.export import to_torchscript
-from trainer.learned_prior import CODES, KINDS, STANDARD_DESCRIPTION, StageConfig, add_learned_prior
+from trainer.learned_prior import CODES, KINDS, STANDARD_DESCRIPTION, Stage, StageConfig, add_learned_prior
 from trainer.model import VAEConfig
 from trainer.prior import FlowConfig
 from trainer.quality import sample_quality
@@ -99,9 +99,23 @@ def main(
     ] = "mixture",
     prior_codes: Annotated[
         str,
-        typer.Option(help="fit to draws (one z ~ q(z|x) per image) or means (mu(x)) of the training set"),
+        typer.Option(
+            help="fit to draws (one z ~ q(z|x) per image), means (mu(x)) of the training set, or "
+            "confident-draws (draws that the digit classifier reads as their own label, MNIST)"
+        ),
     ] = "draws",
-    prior_components: Annotated[int, typer.Option(help="mixture: Gaussian components")] = 50,
+    prior_codes_confidence: Annotated[
+        float, typer.Option(help="confident-draws: keep draws the classifier reads this surely (0-1)")
+    ] = 0.999,
+    prior_draws: Annotated[
+        int, typer.Option(help="draws and confident-draws: posterior draws per training image", min=1)
+    ] = 1,
+    prior_conditional: Annotated[
+        bool, typer.Option(help="mixture: one mixture per class, p(z | y) (labelled datasets)")
+    ] = True,
+    prior_components: Annotated[
+        int, typer.Option(help="mixture: Gaussian components (per class when conditional)")
+    ] = 10,
     prior_iterations: Annotated[int, typer.Option(help="mixture: EM iterations")] = 60,
     prior_epochs: Annotated[int, typer.Option(help="flow: epochs")] = 30,
     prior_couplings: Annotated[int, typer.Option(help="flow: coupling layers")] = 8,
@@ -120,9 +134,17 @@ def main(
     if prior_codes not in CODES:
         typer.echo(f"error: --prior-codes must be one of {', '.join(CODES)}, not {prior_codes!r}", err=True)
         raise typer.Exit(2)
+    if not 0 < prior_codes_confidence < 1:
+        typer.echo(
+            f"error: --prior-codes-confidence must lie in (0, 1), not {prior_codes_confidence}", err=True
+        )
+        raise typer.Exit(2)
     stage = StageConfig(
         kind=prior_kind,
         codes=prior_codes,
+        codes_confidence=prior_codes_confidence,
+        draws_per_image=prior_draws,
+        conditional=prior_conditional,
         seed=seed,
         mixture=MixtureConfig(components=prior_components, iterations=prior_iterations, seed=seed),
         flow=PriorTrainConfig(
@@ -278,28 +300,42 @@ def run(
     scripted = to_torchscript(model)
     manifest["priors"] = {"standard": {"description": STANDARD_DESCRIPTION}}
     manifest["default_prior"] = "standard"
-    if stage is not None:
-        added = add_learned_prior(
-            scripted,
-            cfg.dataset,
-            cfg.data_dir,
-            stage,
-            workdir,
-            resume,
-            progress,
-            cfg.limit_train,
-            cfg.limit_test,
-        )
-        scripted = added.model
-        figures.update(added.figures)
-        manifest["priors"] = added.priors
-        manifest["default_prior"] = "learned"
-        manifest["metrics"].update(added.metrics)
-    return _write(store, name, scripted, manifest, figures)
+    if stage is None:
+        return _write(store, name, scripted, manifest, figures)
+    added = add_learned_prior(
+        scripted,
+        cfg.dataset,
+        cfg.data_dir,
+        stage,
+        workdir,
+        resume,
+        progress,
+        cfg.limit_train,
+        cfg.limit_test,
+        class_names=class_names,
+    )
+    figures.update(added.figures)
+    manifest["metrics"].update(added.metrics)
+    return _write(store, name, added.model, _with_stage(manifest, added), figures, added.classifier)
+
+
+def _with_stage(manifest: dict, added: Stage) -> dict:
+    """The manifest with what the learned-prior stage adds: priors, classes, classifier."""
+    manifest = {**manifest, "priors": added.priors, "default_prior": "learned"}
+    if added.classes is not None:
+        manifest["classes"] = added.classes
+    if added.classifier_entry is not None:
+        manifest["classifier"] = added.classifier_entry
+    return manifest
 
 
 def _write(
-    store: Path, name: str, scripted: torch.jit.ScriptModule, manifest: dict, figures: dict[str, bytes]
+    store: Path,
+    name: str,
+    scripted: torch.jit.ScriptModule,
+    manifest: dict,
+    figures: dict[str, bytes],
+    classifier: torch.jit.ScriptModule | None = None,
 ) -> artifact.Artifact:
     """The model card, the report's index of figures, then the artifact itself."""
     captions = {k: v for k, v in FIGURES.items() if k in figures}
@@ -313,11 +349,24 @@ def _write(
     version = artifact.next_version(store, name)
     card = model_card({**manifest, "name": name, "version": version}, captions)
     figures["model_card.md"] = card.encode()
-    return artifact.write_artifact(store, name, scripted, manifest, report_files=figures, version=version)
+    return artifact.write_artifact(
+        store, name, scripted, manifest, report_files=figures, version=version, classifier=classifier
+    )
 
 
 # Fields of the base's manifest that describe the base artifact itself, not the model.
-_OWN_FIELDS = ("format_version", "name", "version", "files", "created_at", "priors", "default_prior", "base")
+_OWN_FIELDS = (
+    "format_version",
+    "name",
+    "version",
+    "files",
+    "created_at",
+    "priors",
+    "default_prior",
+    "base",
+    "classes",
+    "classifier",
+)
 
 
 def run_prior(
@@ -343,7 +392,16 @@ def run_prior(
             f"{data_dir} is not the data {art.name} {art.version} was trained on (its sha256 "
             f"{fingerprint[:12]}…, the manifest's {dataset['sha256'][:12]}…); pass --data-dir of that dataset"
         )
-    added = add_learned_prior(base, dataset.get("name", "mnist"), data_dir, stage, workdir, resume, progress)
+    added = add_learned_prior(
+        base,
+        dataset.get("name", "mnist"),
+        data_dir,
+        stage,
+        workdir,
+        resume,
+        progress,
+        class_names=dataset.get("class_names"),
+    )
     manifest = {k: v for k, v in art.manifest.items() if k not in _OWN_FIELDS}
     manifest["created_at"] = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     manifest["description"] = f"{manifest.get('description', 'VAE')}; plus a learned prior over z"
@@ -353,8 +411,7 @@ def run_prior(
         "model_sha256": art.manifest["files"][artifact.MODEL_FILE],
         "note": "encoder and decoder are the base's, bit for bit: metrics.test and training are the base's",
     }
-    manifest["priors"] = added.priors
-    manifest["default_prior"] = "learned"
+    manifest = _with_stage(manifest, added)
     manifest["metrics"] = {**manifest.get("metrics", {}), **added.metrics}
     figures = {
         rel.removeprefix(f"{artifact.REPORT_DIR}/"): artifact.read_listed_file(art, rel) or b""
@@ -362,7 +419,7 @@ def run_prior(
         if rel.startswith(f"{artifact.REPORT_DIR}/") and rel != "report/model_card.md"
     }
     figures.update(added.figures)
-    return _write(store, name, added.model, manifest, figures)
+    return _write(store, name, added.model, manifest, figures, added.classifier)
 
 
 if __name__ == "__main__":

@@ -237,13 +237,17 @@ class MixtureMap(nn.Module):
         self.register_buffer("log_weights", torch.log(w / w.sum()).float())
         self.latent_dim = d
 
-    def forward(self, u: Tensor) -> Tensor:
+    def forward(self, u: Tensor, y: Tensor | None = None, temperature: Tensor | None = None) -> Tensor:
+        """z for noise u [B, D]; y is not used (one mixture for all); a temperature [B] scales
+        the draw within the component, not the choice of component (as ClassMixtureMap)."""
         p = 0.5 * (1 + torch.erf(u[:, 0] / math.sqrt(2)))
         k = torch.bucketize(p, self.edges[1:-1], right=True)
         lo, hi = self.edges[k], self.edges[k + 1]
         within = ((p - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)
         first = math.sqrt(2) * torch.erfinv(2 * within - 1)
         v = torch.cat([first.unsqueeze(1), u[:, 1:]], dim=1)
+        if temperature is not None:
+            v = v * temperature.unsqueeze(1)
         return self.means[k] + torch.bmm(self.chol[k], v.unsqueeze(2)).squeeze(2)
 
     def log_prob(self, z: Tensor) -> Tensor:
@@ -264,3 +268,66 @@ def mixture_log_joint(x: Tensor, log_weights: Tensor, means: Tensor, chol: Tenso
     mahalanobis = (projected - offsets).pow(2).sum(2)  # [K, N]
     log_normal = -0.5 * mahalanobis - half_log_det[:, None] - 0.5 * d * math.log(2 * math.pi)
     return (log_normal + log_weights[:, None]).T
+
+
+class ClassMixtureMap(nn.Module):
+    """The class-conditional learned prior: one Gaussian mixture per class, p(z | y), and
+    their mixture over the classes' training shares, p(z) = sum_y share_y p(z | y), as one set
+    of components. forward(u, y, t) -> z, with y the class of each row or -1 for any class.
+
+    As in MixtureMap, Phi(u_1) picks the component: it falls in one of the bins of the row's
+    class (all classes' bins, weighted by share_y w_yk, for y = -1), the position within the
+    bin becomes the component's first normal coordinate v_1, and u_2 ... u_D are the rest.
+    The temperature t then scales v, the draw *within* the component:
+
+        z = mean_k + L_k (t v)
+
+    so the component a draw uses, and with it the mix of classes, is the same at every
+    temperature; only the spread inside each component shrinks or grows."""
+
+    def __init__(self, class_shares: Tensor, weights: Tensor, means: Tensor, covariances: Tensor) -> None:
+        super().__init__()
+        classes, k, d = means.shape  # weights [C, K] (rows sum to 1), covariances [C, K, D, D]
+        m = classes * k
+        shares = class_shares.double() / class_shares.double().sum()
+        w = weights.double() / weights.double().sum(1, keepdim=True)
+        # Row y of `edges`: the bins of class y alone (zero width elsewhere); row C: every class.
+        per_row = torch.zeros(classes + 1, m, dtype=torch.float64)
+        for y in range(classes):
+            per_row[y, y * k : (y + 1) * k] = w[y]
+        per_row[classes] = (shares[:, None] * w).reshape(m)
+        edges = torch.cat([torch.zeros(classes + 1, 1, dtype=torch.float64), torch.cumsum(per_row, 1)], 1)
+        edges[:, -1] = 1.0
+        self.register_buffer("edges", edges.float())
+        # The components a row may use: [first, last] of its class, everything for "any".
+        self.register_buffer("first", torch.tensor([y * k for y in range(classes)] + [0]))
+        self.register_buffer("last", torch.tensor([(y + 1) * k - 1 for y in range(classes)] + [m - 1]))
+        self.register_buffer("means", means.reshape(m, d).float())
+        chol = torch.linalg.cholesky(covariances.reshape(m, d, d).double())
+        self.register_buffer("chol", chol.float())
+        self.register_buffer("log_weights", per_row.clamp_min(1e-300).log().float())  # [C + 1, M]
+        self.register_buffer("class_shares", shares.float())
+        self.classes = classes
+        self.latent_dim = d
+
+    def forward(self, u: Tensor, y: Tensor, temperature: Tensor) -> Tensor:
+        row = torch.where(y < 0, torch.full_like(y, self.classes), y)
+        p = 0.5 * (1 + torch.erf(u[:, 0] / math.sqrt(2)))
+        edges = self.edges[row]  # [B, M + 1]
+        k = (p.unsqueeze(1) >= edges[:, 1:-1]).sum(1)
+        # Phi rounds to exactly 0 or 1 far out in the tails: stay inside the row's own bins.
+        k = torch.maximum(torch.minimum(k, self.last[row]), self.first[row])
+        lo = edges.gather(1, k.unsqueeze(1)).squeeze(1)
+        hi = edges.gather(1, (k + 1).unsqueeze(1)).squeeze(1)
+        within = ((p - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)
+        first = math.sqrt(2) * torch.erfinv(2 * within - 1)
+        v = torch.cat([first.unsqueeze(1), u[:, 1:]], dim=1) * temperature.unsqueeze(1)
+        return self.means[k] + torch.bmm(self.chol[k], v.unsqueeze(2)).squeeze(2)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p(z), the mixture over all classes, per row (exact)."""
+        return torch.logsumexp(mixture_log_joint(z, self.log_weights[self.classes], self.means, self.chol), 1)
+
+    def log_prob_given(self, z: Tensor, y: int) -> Tensor:
+        """log p(z | y) per row."""
+        return torch.logsumexp(mixture_log_joint(z, self.log_weights[y], self.means, self.chol), 1)

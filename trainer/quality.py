@@ -51,23 +51,67 @@ def decode_all(decode: Decode, z: Tensor, batch_size: int = 1000) -> Tensor:
     return torch.cat([decode(z[s : s + batch_size]) for s in range(0, len(z), batch_size)])
 
 
+Prior = Callable[[Tensor, Tensor], Tensor]  # (u [B, D], temperature [B]) -> z, the artifact's prior
+ClassPrior = Callable[[Tensor, Tensor, Tensor], Tensor]  # (u, y [B], temperature [B]) -> z
+
+
 @torch.no_grad()
 def prior_quality(
     decode: Decode,
     judge: DigitClassifier,
     latent_dim: int,
-    prior: Callable[[Tensor], Tensor] | None = None,
+    prior: Prior | None = None,
     samples: int = 5000,
     temperature: float = 1.0,
     seed: int = 0,
     confidence_threshold: float = 0.9,
 ) -> dict:
     """decode(z) for `samples` draws through a prior, judged. z = temperature * u for the
-    standard prior (prior None), z = prior(temperature * u) for a learned one."""
-    u = noise(samples, latent_dim, seed) * temperature
-    z = u if prior is None else torch.cat([prior(u[s : s + 1000]) for s in range(0, samples, 1000)])
+    standard prior (prior None), z = prior(u, temperature) for a learned one."""
+    u = noise(samples, latent_dim, seed)
+    if prior is None:
+        z = u * temperature
+    else:
+        t = torch.full((samples,), float(temperature))
+        z = torch.cat([prior(u[s : s + 1000], t[s : s + 1000]) for s in range(0, samples, 1000)])
     judged = judge_images(judge, decode_all(decode, z), confidence_threshold)
     return {**judged, "temperature": temperature, "seed": seed}
+
+
+@torch.no_grad()
+def class_quality(
+    decode: Decode,
+    judge: DigitClassifier,
+    latent_dim: int,
+    prior_given: ClassPrior,
+    classes: int,
+    samples: int = 500,
+    temperature: float = 1.0,
+    seed: int = 0,
+    confidence_threshold: float = 0.9,
+) -> list[dict]:
+    """Per class y: `samples` draws of decode(prior_given(u, y, t)), u from `seed` as /sample
+    draws it, and the share the judge reads as y with confidence >= the threshold."""
+    u = noise(samples, latent_dim, seed)
+    t = torch.full((samples,), float(temperature))
+    out = []
+    for y in range(classes):
+        z = prior_given(u, torch.full((samples,), y, dtype=torch.long), t)
+        probs = torch.softmax(judge(decode_all(decode, z)), dim=1)
+        confidence, read = probs.max(1)
+        out.append(
+            {
+                "class": y,
+                "samples": samples,
+                "confident_share": round(
+                    float(((read == y) & (confidence >= confidence_threshold)).float().mean()), 4
+                ),
+                "read_as_class": round(float((read == y).float().mean()), 4),
+                "temperature": temperature,
+                "seed": seed,
+            }
+        )
+    return out
 
 
 @torch.no_grad()

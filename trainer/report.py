@@ -291,6 +291,30 @@ def prior_card(manifest: dict) -> list[str]:
             f"| {n} | {q['confident_share']:.1%} | {q['min_class_share']:.1%} | {q['inception_score']:.2f} |"
             for n, q in rows
         ]
+    learned = priors.get("learned") or {}
+    if learned.get("sample_quality_t0.5"):
+        q = learned["sample_quality_t0.5"]
+        lines += [
+            "",
+            f"At temperature 0.5 the learned prior's draws are {q['confident_share']:.1%} confident, the "
+            f"rarest digit {q['min_class_share']:.1%} of them: the temperature scales the spread within "
+            "each component and leaves the mix of digits as it is.",
+        ]
+    per_class = learned.get("class_quality")
+    if per_class:
+        names = [c["name"] for c in manifest.get("classes") or []] or [str(c["class"]) for c in per_class]
+        summary = learned["class_quality_summary"]
+        lines += [
+            "",
+            f"Draws of one class (`label`), {per_class[0]['samples']} per class at temperature "
+            f"{per_class[0]['temperature']:g}: the share the classifier reads as the class asked for with "
+            f"confidence ≥ 0.9 (mean {summary['mean']:.1%}, worst {summary['worst']:.1%}, class "
+            f"{summary['worst_class']}):",
+            "",
+            "| class | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+            "| confident as asked | " + " | ".join(f"{c['confident_share']:.1%}" for c in per_class) + " |",
+        ]
     nll = manifest["metrics"].get("prior_likelihood")
     if nll:
         lines += [

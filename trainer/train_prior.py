@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from trainer.prior import Flow, FlowConfig, MixtureMap, mixture_log_joint
+from trainer.prior import ClassMixtureMap, Flow, FlowConfig, MixtureMap, mixture_log_joint
 from trainer.train import save_atomically
 
 
@@ -219,11 +219,57 @@ class MixtureState:
 def fit_mixture(
     cfg: MixtureConfig, codes: Tensor, workdir: Path, resume: bool = True, progress: bool = True
 ) -> tuple[MixtureMap, MixtureState]:
+    """The mixture fitted to the codes [N, D] by `em`, as the map from noise to latents."""
+    weights, means, covs, state = em(cfg, codes, workdir / "mixture_checkpoint.pt", resume, progress)
+    return MixtureMap(weights, means, covs).eval(), state
+
+
+def fit_class_mixture(
+    cfg: MixtureConfig,
+    codes: Tensor,
+    labels: Tensor,
+    classes: int,
+    workdir: Path,
+    resume: bool = True,
+    progress: bool = True,
+    shares: Tensor | None = None,
+) -> tuple[ClassMixtureMap, list[MixtureState]]:
+    """One mixture of cfg.components per class, fitted by `em` to that class's codes, joined
+    by the classes' training shares: p(z | y) and p(z) = sum_y share_y p(z | y). `shares`:
+    the classes' shares of the training set when the codes are a selection of it (default:
+    their shares among the codes)."""
+    fitted, states = [], []
+    for y in range(classes):
+        mine = codes[labels == y]
+        if len(mine) < cfg.components:
+            raise ValueError(
+                f"class {y} has {len(mine)} training codes, fewer than the {cfg.components} components "
+                "asked for each class; use fewer components"
+            )
+        # Each class its own seed, so that no two start from the same draw of indices.
+        class_cfg = MixtureConfig(**{**asdict(cfg), "seed": cfg.seed * 1000 + y})
+        w, m, c, state = em(class_cfg, mine, workdir / f"class-{y}.pt", resume, progress, f"EM class {y}")
+        fitted.append((w, m, c))
+        states.append(state)
+    if shares is None:
+        shares = torch.bincount(labels, minlength=classes).double()
+    weights, means, covs = (torch.stack(parts) for parts in zip(*fitted, strict=True))
+    return ClassMixtureMap(shares, weights, means, covs).eval(), states
+
+
+def em(
+    cfg: MixtureConfig,
+    codes: Tensor,
+    ckpt_path: Path,
+    resume: bool = True,
+    progress: bool = True,
+    desc: str = "mixture EM",
+) -> tuple[Tensor, Tensor, Tensor, MixtureState]:
     """EM on the codes [N, D]: responsibilities (E step, in float32) and weighted means and
     covariances (M step, in float64). Deterministic for a seed; checkpointed after every
-    iteration and resumed from there."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = workdir / "mixture_checkpoint.pt"
+    iteration and resumed from there. Returns (weights, means, covariances with the jitter
+    added, state), in float64."""
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     n, d = codes.shape
     x = codes.double()
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -238,9 +284,7 @@ def fit_mixture(
         weights, means, covs = ckpt["weights"], ckpt["means"], ckpt["covariances"]
         state = MixtureState(**ckpt["state"])
     jitter = cfg.jitter * torch.eye(d, dtype=torch.float64)
-    bar = tqdm(
-        total=cfg.iterations, initial=state.iteration, desc="mixture EM", disable=not progress, leave=False
-    )
+    bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=desc, disable=not progress, leave=False)
     try:
         while state.iteration < cfg.iterations:
             started, cpu_started = time.perf_counter(), time.process_time()
@@ -279,6 +323,6 @@ def fit_mixture(
     finally:
         bar.close()
     if state.history:
-        line = f"mixture EM: {state.iteration} iterations, mean log p(z) of the codes {state.history[-1]:.3f}"
+        line = f"{desc}: {state.iteration} iterations, mean log p(z) of the codes {state.history[-1]:.3f}"
         (tqdm.write if progress else print)(line)
-    return MixtureMap(weights, means, covs + jitter).eval(), state
+    return weights, means, covs + jitter, state

@@ -11,6 +11,7 @@ from vae_client.client import (
     Samples,
     VAEClient,
     VAEClientError,
+    Verdict,
     grid_image,
     to_pil,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "Samples",
     "VAEClient",
     "VAEClientError",
+    "Verdict",
     "grid_image",
     "to_pil",
 ]

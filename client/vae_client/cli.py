@@ -1,6 +1,6 @@
 """vae-client: the command line on vae_client.
 
-vae-client sample -n 16 --seed 1 [--prior standard] -o grid.png
+vae-client sample -n 16 --seed 1 [--prior standard] [--label 7 --verdicts --min-confidence 0.9] -o grid.png
 vae-client encode digit.png [--json]
 vae-client decode '[[0.5, -1.0]]' --model mnist-2d -o out.png
 vae-client reconstruct in.png -o out.png
@@ -77,19 +77,47 @@ def sample(
         str | None,
         typer.Option(help="learned or standard (z = noise); default: the model's own default."),
     ] = None,
+    label: Annotated[
+        str | None, typer.Option(help="Draw only this class: its index (0-9 for digits) or its name.")
+    ] = None,
+    verdicts: Annotated[
+        bool, typer.Option("--verdicts", help="Print the classifier's verdict on each image.")
+    ] = False,
+    min_confidence: Annotated[
+        float | None,
+        typer.Option(help="Keep only draws the classifier reads (as --label) at least this surely."),
+    ] = None,
     output: Output = Path("samples.png"),
     model: Model = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
     """Draw n images through a prior and save them as one PNG grid."""
+    wanted: int | str | None = int(label) if label is not None and label.isdigit() else label
     result = _call(
         url,
         api_key,
-        lambda client: client.sample(n, seed=seed, temperature=temperature, model=model, prior=prior),
+        lambda client: client.sample(
+            n,
+            seed=seed,
+            temperature=temperature,
+            model=model,
+            prior=prior,
+            label=wanted,
+            return_verdicts=verdicts,
+            min_confidence=min_confidence,
+        ),
     )
     _save(result.images, output)
-    typer.echo(f"seed {result.seed}, {result.prior} prior (model {result.model} {result.version})", err=True)
+    drawn = "" if result.label is None else f", class {result.label}"
+    redrawn = "" if result.redraws is None else f", {result.redraws} redrawn"
+    typer.echo(
+        f"seed {result.seed}, {result.prior} prior{drawn}{redrawn} (model {result.model} {result.version})",
+        err=True,
+    )
+    if result.verdicts is not None:
+        for i, verdict in enumerate(result.verdicts):
+            typer.echo(f"{i}\t{verdict.label}\t{verdict.confidence:.4f}")
 
 
 @app.command()

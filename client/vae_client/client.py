@@ -39,6 +39,14 @@ Invert = Literal["auto"] | bool
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """The shipped classifier's reading of one image: a class index and its probability."""
+
+    label: int
+    confidence: float
+
+
+@dataclass(frozen=True)
 class Encoding:
     """The posterior q(z|x) = N(mu, diag(sigma²)) of each image, and its KL to the prior N(0, I)."""
 
@@ -47,6 +55,7 @@ class Encoding:
     mu: np.ndarray  # float32 [B, latent_dim]
     sigma: np.ndarray  # float32 [B, latent_dim]
     kl: np.ndarray  # float64 [B], nats
+    verdicts: list[Verdict] | None = None  # with return_verdicts: the classifier on each image
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,9 @@ class Samples:
     z: np.ndarray | None  # float32 [n, latent_dim] when asked for
     prior: str = "standard"  # the prior the draws went through: "learned" or "standard"
     u: np.ndarray | None = None  # float32 [n, latent_dim]: the noise z was made from, when asked for
+    label: int | None = None  # the class drawn, when one was asked for
+    verdicts: list[Verdict] | None = None  # with return_verdicts or min_confidence
+    redraws: int | None = None  # with min_confidence: how many draws were replaced
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ class Reconstruction:
     images: np.ndarray  # float32 [B, 28, 28]
     mu: np.ndarray
     sigma: np.ndarray
+    verdicts: list[Verdict] | None = None  # with return_verdicts: the classifier on each reconstruction
 
 
 class VAEClientError(Exception):
@@ -123,9 +136,13 @@ def _is_pixels(images: Any) -> bool:
     )
 
 
-def image_body(images: ImageLike | Sequence[ImageLike], model: str | None, invert: Invert) -> dict[str, Any]:
+def image_body(
+    images: ImageLike | Sequence[ImageLike], model: str | None, invert: Invert, return_verdicts: bool = False
+) -> dict[str, Any]:
     """The JSON body of /encode and /reconstruct."""
     body: dict[str, Any] = {"format": "array", "invert": invert}
+    if return_verdicts:
+        body["return_verdicts"] = True
     if model:
         body["model"] = model
     if _is_pixels(images):
@@ -198,6 +215,10 @@ def _npy_images(response: httpx.Response) -> np.ndarray:
 def _npy_samples(response: httpx.Response, temperature: float) -> Samples:
     images = _npy_images(response)
     headers = response.headers
+    verdicts = None
+    if headers.get("X-Verdicts"):
+        pairs = (item.split(":") for item in headers["X-Verdicts"].split(","))
+        verdicts = [Verdict(int(label), float(confidence)) for label, confidence in pairs]
     return Samples(
         headers.get("X-Model", ""),
         headers.get("X-Model-Version", ""),
@@ -206,7 +227,17 @@ def _npy_samples(response: httpx.Response, temperature: float) -> Samples:
         temperature,
         None,
         headers.get("X-Prior", "standard"),
+        label=int(headers["X-Label"]) if "X-Label" in headers else None,
+        verdicts=verdicts,
+        redraws=int(headers["X-Redraws"]) if "X-Redraws" in headers else None,
     )
+
+
+def _verdicts(data: dict[str, Any]) -> list[Verdict] | None:
+    listed = data.get("verdicts")
+    if listed is None:
+        return None
+    return [Verdict(int(v["label"]), float(v["confidence"])) for v in listed]
 
 
 def _unreachable(url: str, exc: httpx.TransportError) -> VAEClientError:
@@ -226,6 +257,7 @@ def _encoding(data: dict[str, Any]) -> Encoding:
         _floats(data["mu"]),
         _floats(data["sigma"]),
         np.asarray(data["kl"], dtype=np.float64),
+        _verdicts(data),
     )
 
 
@@ -245,12 +277,20 @@ def _samples(data: dict[str, Any]) -> Samples:
         z,
         data.get("prior", "standard"),
         u,
+        data.get("label"),
+        _verdicts(data),
+        data.get("redraws"),
     )
 
 
 def _reconstruction(data: dict[str, Any]) -> Reconstruction:
     return Reconstruction(
-        data["model"], data["version"], _images(data), _floats(data["mu"]), _floats(data["sigma"])
+        data["model"],
+        data["version"],
+        _images(data),
+        _floats(data["mu"]),
+        _floats(data["sigma"]),
+        _verdicts(data),
     )
 
 
@@ -272,6 +312,9 @@ def _sample_body(
     model: str | None,
     return_latents: bool,
     prior: str | None,
+    label: int | str | None = None,
+    return_verdicts: bool = False,
+    min_confidence: float | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "n": n,
@@ -283,6 +326,12 @@ def _sample_body(
         body["seed"] = seed
     if prior is not None:
         body["prior"] = prior
+    if label is not None:
+        body["label"] = label
+    if return_verdicts:
+        body["return_verdicts"] = True
+    if min_confidence is not None:
+        body["min_confidence"] = min_confidence
     if model:
         body["model"] = model
     return body
@@ -316,10 +365,17 @@ class VAEClient:
         return _json(self._send(method, path, **kwargs))
 
     def encode(
-        self, images: ImageLike | Sequence[ImageLike], *, model: str | None = None, invert: Invert = "auto"
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        *,
+        model: str | None = None,
+        invert: Invert = "auto",
+        return_verdicts: bool = False,
     ) -> Encoding:
         """Images (paths, bytes, PIL images or arrays) -> their posteriors: mu, sigma, KL."""
-        return _encoding(self._request("POST", "/encode", json=image_body(images, model, invert)))
+        return _encoding(
+            self._request("POST", "/encode", json=image_body(images, model, invert, return_verdicts))
+        )
 
     def decode(self, z: np.ndarray | Sequence[Sequence[float]], *, model: str | None = None) -> np.ndarray:
         """Latents [B, latent_dim] (or one [latent_dim]) -> float32 images [B, 28, 28]."""
@@ -336,19 +392,33 @@ class VAEClient:
         model: str | None = None,
         return_latents: bool = False,
         prior: str | None = None,
+        label: int | str | None = None,
+        return_verdicts: bool = False,
+        min_confidence: float | None = None,
     ) -> Samples:
         """n images drawn through `prior` ("learned" or "standard"; the model's default when
-        None). The same seed and prior give the same images."""
-        body = _sample_body(n, seed, temperature, model, return_latents, prior)
+        None). The same seed and prior give the same images. `label` (a class index or name)
+        draws only that class; `return_verdicts` adds the classifier's verdict on each image;
+        `min_confidence` keeps only draws it reads (as `label`, or any class) at least that surely."""
+        body = _sample_body(
+            n, seed, temperature, model, return_latents, prior, label, return_verdicts, min_confidence
+        )
         if self.binary and not return_latents:
             return _npy_samples(self._send("POST", "/sample", json=body, headers=_NPY), temperature)
         return _samples(self._request("POST", "/sample", json=body))
 
     def reconstruct(
-        self, images: ImageLike | Sequence[ImageLike], *, model: str | None = None, invert: Invert = "auto"
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        *,
+        model: str | None = None,
+        invert: Invert = "auto",
+        return_verdicts: bool = False,
     ) -> Reconstruction:
         """Images -> decode(mu): what the model keeps of each, float32 [B, 28, 28]."""
-        return _reconstruction(self._request("POST", "/reconstruct", json=image_body(images, model, invert)))
+        return _reconstruction(
+            self._request("POST", "/reconstruct", json=image_body(images, model, invert, return_verdicts))
+        )
 
     def models(self) -> list[dict[str, Any]]:
         """The models served: name, version, latent_dim, priors, metrics (GET /models)."""
@@ -406,10 +476,17 @@ class AsyncVAEClient:
         return _json(await self._send(method, path, **kwargs))
 
     async def encode(
-        self, images: ImageLike | Sequence[ImageLike], *, model: str | None = None, invert: Invert = "auto"
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        *,
+        model: str | None = None,
+        invert: Invert = "auto",
+        return_verdicts: bool = False,
     ) -> Encoding:
         """Images (paths, bytes, PIL images or arrays) -> their posteriors: mu, sigma, KL."""
-        return _encoding(await self._request("POST", "/encode", json=image_body(images, model, invert)))
+        return _encoding(
+            await self._request("POST", "/encode", json=image_body(images, model, invert, return_verdicts))
+        )
 
     async def decode(
         self, z: np.ndarray | Sequence[Sequence[float]], *, model: str | None = None
@@ -429,21 +506,35 @@ class AsyncVAEClient:
         model: str | None = None,
         return_latents: bool = False,
         prior: str | None = None,
+        label: int | str | None = None,
+        return_verdicts: bool = False,
+        min_confidence: float | None = None,
     ) -> Samples:
         """n images drawn through `prior` ("learned" or "standard"; the model's default when
-        None). The same seed and prior give the same images."""
-        body = _sample_body(n, seed, temperature, model, return_latents, prior)
+        None). The same seed and prior give the same images. `label` (a class index or name)
+        draws only that class; `return_verdicts` adds the classifier's verdict on each image;
+        `min_confidence` keeps only draws it reads (as `label`, or any class) at least that surely."""
+        body = _sample_body(
+            n, seed, temperature, model, return_latents, prior, label, return_verdicts, min_confidence
+        )
         if self.binary and not return_latents:
             response = await self._send("POST", "/sample", json=body, headers=_NPY)
             return _npy_samples(response, temperature)
         return _samples(await self._request("POST", "/sample", json=body))
 
     async def reconstruct(
-        self, images: ImageLike | Sequence[ImageLike], *, model: str | None = None, invert: Invert = "auto"
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        *,
+        model: str | None = None,
+        invert: Invert = "auto",
+        return_verdicts: bool = False,
     ) -> Reconstruction:
         """Images -> decode(mu): what the model keeps of each, float32 [B, 28, 28]."""
         return _reconstruction(
-            await self._request("POST", "/reconstruct", json=image_body(images, model, invert))
+            await self._request(
+                "POST", "/reconstruct", json=image_body(images, model, invert, return_verdicts)
+            )
         )
 
     async def models(self) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import Query, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
@@ -45,6 +46,7 @@ class ImageInput:
     pixels: np.ndarray  # float32 [B, 28, 28] in [0, 1]
     model: str | None
     format: ImageFormat
+    verdicts: bool = False  # return_verdicts: the shipped classifier's reading of each image
 
 
 def media_type(request: Request) -> str:
@@ -77,10 +79,16 @@ class JsonBodyRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         json_body = self.body_field is not None
+        # The query parameters the route declares (its own and its dependencies'), plus the
+        # model and format options that /decode and /sample read themselves (query_options).
+        known = set(_query_names(self.dependant))
+        if json_body:
+            known |= {param["name"] for param in QUERY_OPTIONS_OPENAPI["parameters"]}
+        allowed = frozenset(known)
 
         async def checked(request: Request) -> Response:
             if request.scope.get("query_string"):
-                once_each(request)
+                once_each(request, allowed)
             if json_body:
                 require_json(request)
             return await handler(request)
@@ -88,8 +96,24 @@ class JsonBodyRoute(APIRoute):
         return checked
 
 
-def once_each(request: Request) -> None:
+def _query_names(dependant: Dependant) -> list[str]:
+    """The query parameters a route declares, its dependencies' included."""
+    names = [param.alias for param in dependant.query_params]
+    for sub in dependant.dependencies:
+        names += _query_names(sub)
+    return names
+
+
+def once_each(request: Request, allowed: frozenset[str]) -> None:
+    """Each query parameter given once, and only those the route takes: a misspelt one
+    (`?lable=7`) is an error, as a misspelt JSON field is, not silently ignored."""
     keys = [key for key, _ in request.query_params.multi_items()]
+    unknown = sorted(set(keys) - allowed)
+    if unknown:
+        takes = ", ".join(sorted(allowed)) or "none"
+        raise InvalidRequest(
+            f"unknown query parameter {unknown[0]!r}; {request.url.path} takes the query parameters {takes}"
+        )
     if len(keys) != len(set(keys)):
         repeated = next(key for key in keys if keys.count(key) > 1)
         raise InvalidRequest(
@@ -274,6 +298,9 @@ async def image_input(
         Literal["auto", "true", "false"] | None, Query(description="See the `invert` field.")
     ] = None,
     format: Annotated[ImageFormat | None, Query(description="png or array; see the `format` field.")] = None,
+    return_verdicts: Annotated[
+        bool | None, Query(description="See the `return_verdicts` field; overridden by the body's.")
+    ] = None,
 ) -> ImageInput:
     """The images of an /encode or /reconstruct request, fitted and stacked, float32 [B, 28, 28]."""
     settings: Settings = request.app.state.vae.settings
@@ -284,7 +311,8 @@ async def image_input(
         pixels, parsed = await _small_inline(
             body, settings, lambda limit: _validate_image_json(body, settings, query_invert, limit)
         )
-        return ImageInput(pixels, parsed.model or model, chosen_format(parsed, format))
+        verdicts = parsed.return_verdicts if "return_verdicts" in parsed.model_fields_set else return_verdicts
+        return ImageInput(pixels, parsed.model or model, chosen_format(parsed, format), bool(verdicts))
     if kind == "multipart/form-data":
         uploads, fields = await _from_multipart(request, settings)
         form_invert = parse_invert(fields["invert"]) if "invert" in fields else query_invert
@@ -298,13 +326,16 @@ async def image_input(
             settings.max_image_pixels,
             settings.max_request_pixels,
         )
-        return ImageInput(pixels, fields.get("model") or model, form_format)  # type: ignore[arg-type]
+        verdicts = fields.get("return_verdicts", "true" if return_verdicts else "false")
+        if verdicts not in ("true", "false"):
+            raise InvalidRequest(f"return_verdicts is {verdicts!r}; expected true or false")
+        return ImageInput(pixels, fields.get("model") or model, form_format, verdicts == "true")  # type: ignore[arg-type]
     if kind in IMAGE_MEDIA_TYPES:
         body = await request.body()
         pixels = await _small_inline(
             body, settings, lambda limit: images.prepare_batch([("the body", body)], query_invert, limit)
         )
-        return ImageInput(pixels, model, format or "png")
+        return ImageInput(pixels, model, format or "png", bool(return_verdicts))
     shown = f"Content-Type {kind!r}" if kind else "no Content-Type"
     raise UnsupportedMediaType(f"the request has {shown}; {request.url.path} takes {ACCEPTED_FOR_IMAGES}")
 

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from service.api import images
 from service.api.schemas import ImageFormat
 from service.model import latent_map
+from service.model.draws import Draw, Drawn
 from service.model.latents import kl_to_prior
 from service.model.runtime import ModelRuntime
 
@@ -151,16 +152,26 @@ def _model_fields(model: ModelRuntime) -> dict[str, Any]:
     return {"model": model.name, "version": model.version}
 
 
-def encoding(model: ModelRuntime, mu: np.ndarray, sigma: np.ndarray) -> Response:
-    return FastJSONResponse(
-        {
-            **_model_fields(model),
-            "latent_dim": model.latent_dim,
-            "mu": mu,
-            "sigma": sigma,
-            "kl": kl_to_prior(mu, sigma),
-        }
-    )
+def encoding(
+    model: ModelRuntime, mu: np.ndarray, sigma: np.ndarray, probabilities: np.ndarray | None = None
+) -> Response:
+    body: dict[str, Any] = {
+        **_model_fields(model),
+        "latent_dim": model.latent_dim,
+        "mu": mu,
+        "sigma": sigma,
+        "kl": kl_to_prior(mu, sigma),
+    }
+    if probabilities is not None:
+        body["verdicts"] = verdicts(probabilities)
+    return FastJSONResponse(body)
+
+
+def verdicts(probabilities: np.ndarray) -> list[dict[str, float | int]]:
+    """{"label", "confidence"} per image: the classifier's most likely class and its probability."""
+    labels = probabilities.argmax(1).tolist()
+    confidences = probabilities.max(1).tolist()
+    return [{"label": label, "confidence": c} for label, c in zip(labels, confidences, strict=True)]
 
 
 async def decoded(
@@ -173,38 +184,46 @@ async def decoded(
 
 
 async def samples(
-    request: Request,
-    model: ModelRuntime,
-    x: np.ndarray,
-    u: np.ndarray,
-    z: np.ndarray,
-    seed: int,
-    temperature: float,
-    prior: str,
-    fmt: ImageFormat,
-    return_latents: bool,
-    encoded: object = None,
+    request: Request, model: ModelRuntime, draw: Draw, drawn: Drawn, fmt: ImageFormat, return_latents: bool
 ) -> Response:
-    # The seed and prior travel in headers too, so a PNG sample can be reproduced as well.
-    headers = sample_headers(seed, prior)
-    if (other := await image_answer(request, model, x, headers)) is not None:
+    # The seed and prior (and verdicts) travel in headers too, so that a PNG or binary sample can
+    # be reproduced and judged as well.
+    headers = sample_headers(draw, drawn)
+    if (other := await image_answer(request, model, drawn.images, headers)) is not None:
         return other
     body: dict[str, Any] = {
         **_model_fields(model),
         "format": fmt,
-        "seed": seed,
-        "temperature": temperature,
-        "prior": prior,
-        "images": await image_payload(x, fmt, encoded),
+        "seed": draw.seed,
+        "temperature": draw.temperature,
+        "prior": draw.prior,
+        "images": await image_payload(drawn.images, fmt, drawn.encoded),
     }
+    if draw.label is not None:
+        body["label"] = draw.label
+    if drawn.probabilities is not None:
+        body["verdicts"] = verdicts(drawn.probabilities)
+    if draw.min_confidence is not None:
+        body["redraws"] = drawn.redraws
     if return_latents:
-        body["z"] = z
-        body["u"] = u
+        body["z"] = drawn.z
+        # u ~ N(0, temperature^2 I), as /sample has always returned it (z itself under the
+        # standard prior); the same float32 product the standard prior computes.
+        body["u"] = drawn.u if draw.temperature == 1.0 else drawn.u * np.float32(draw.temperature)
     return FastJSONResponse(body, headers=headers)
 
 
-def sample_headers(seed: int, prior: str) -> dict[str, str]:
-    return {"X-Seed": str(seed), "X-Prior": prior}
+def sample_headers(draw: Draw, drawn: Drawn) -> dict[str, str]:
+    headers = {"X-Seed": str(draw.seed), "X-Prior": draw.prior}
+    if draw.label is not None:
+        headers["X-Label"] = str(draw.label)
+    if drawn.probabilities is not None:
+        headers["X-Verdicts"] = ",".join(
+            f"{v['label']}:{v['confidence']:.4f}" for v in verdicts(drawn.probabilities)
+        )
+    if draw.min_confidence is not None:
+        headers["X-Redraws"] = str(drawn.redraws)
+    return headers
 
 
 async def reconstruction(
@@ -215,18 +234,25 @@ async def reconstruction(
     sigma: np.ndarray,
     fmt: ImageFormat,
     encoded: object = None,
+    probabilities: np.ndarray | None = None,
 ) -> Response:
-    if (other := await image_answer(request, model, x)) is not None:
-        return other
-    return FastJSONResponse(
-        {
-            **_model_fields(model),
-            "format": fmt,
-            "images": await image_payload(x, fmt, encoded),
-            "mu": mu,
-            "sigma": sigma,
+    headers = None
+    if probabilities is not None:
+        headers = {
+            "X-Verdicts": ",".join(f"{v['label']}:{v['confidence']:.4f}" for v in verdicts(probabilities))
         }
-    )
+    if (other := await image_answer(request, model, x, headers)) is not None:
+        return other
+    body: dict[str, Any] = {
+        **_model_fields(model),
+        "format": fmt,
+        "images": await image_payload(x, fmt, encoded),
+        "mu": mu,
+        "sigma": sigma,
+    }
+    if probabilities is not None:
+        body["verdicts"] = verdicts(probabilities)
+    return FastJSONResponse(body)
 
 
 def model_info(model: ModelRuntime, default: str) -> dict[str, Any]:
@@ -246,4 +272,20 @@ def model_info(model: ModelRuntime, default: str) -> dict[str, Any]:
         "priors": list(model.priors),
         "default_prior": model.default_prior,
         "prior_metrics": manifest.get("priors") or {},
+        "classes": _classes(model),
+        "conditional": model.conditional,
+        "classifier": manifest.get("classifier") if model.has_classifier else None,
     }
+
+
+def _classes(model: ModelRuntime) -> list[dict[str, Any]]:
+    listed = {c.get("index"): c for c in model.manifest.get("classes") or [] if isinstance(c, dict)}
+    return [
+        {
+            "index": i,
+            "name": name,
+            "train_share": listed.get(i, {}).get("train_share"),
+            "mean_code": listed.get(i, {}).get("mean_code"),
+        }
+        for i, name in enumerate(model.classes)
+    ]

@@ -28,6 +28,7 @@ from service.api.schemas import (
     EncodeResponse,
     Health,
     ImageRequest,
+    Label,
     LatentMapResponse,
     ModelInfo,
     ModelsResponse,
@@ -38,9 +39,11 @@ from service.api.schemas import (
     SampleRequest,
     SampleResponse,
 )
+from service.artifact import LEARNED_PRIOR
 from service.edge.auth import KeyedRoute
-from service.errors import NoLatentMap, TooManyItems, UnknownPrior
+from service.errors import NoClassifier, NoLatentMap, TooManyItems, UnknownLabel, UnknownPrior
 from service.model import latent_map
+from service.model.draws import Draw
 from service.model.inference import Inference
 from service.model.latents import MAX_SEED, random_seed
 from service.model.runtime import ModelRegistry, ModelRuntime
@@ -109,6 +112,7 @@ def _image_request_body() -> dict[str, Any]:
                             "model": {"type": "string"},
                             "invert": {"type": "string", "enum": ["auto", "true", "false"]},
                             "format": {"type": "string", "enum": ["png", "array"]},
+                            "return_verdicts": {"type": "string", "enum": ["true", "false"]},
                         },
                         "required": ["images"],
                     },
@@ -143,8 +147,10 @@ probes = APIRouter(tags=["operations"])
 async def encode(request: Request, inputs: Annotated[ImageInput, Depends(image_input)]) -> Response:
     registry, inference, _ = serving_now(request)
     model = registry.get(inputs.model)
+    _check_classifier(model, inputs.verdicts)
     mu, sigma = await inference.encode(model, inputs.pixels)
-    return responses.encoding(model, mu, sigma)
+    probabilities = await inference.classify(model, inputs.pixels) if inputs.verdicts else None
+    return responses.encoding(model, mu, sigma, probabilities)
 
 
 @api.post(
@@ -158,9 +164,11 @@ async def encode(request: Request, inputs: Annotated[ImageInput, Depends(image_i
 async def reconstruct(request: Request, inputs: Annotated[ImageInput, Depends(image_input)]) -> Response:
     registry, inference, _ = serving_now(request)
     model = registry.get(inputs.model)
+    _check_classifier(model, inputs.verdicts)
     mu, sigma = await inference.encode(model, inputs.pixels)
     x, encoded = await inference.decode(model, mu, responses.image_encoder(request, inputs.format, len(mu)))
-    return await responses.reconstruction(request, model, x, mu, sigma, inputs.format, encoded)
+    probabilities = await inference.classify(model, x) if inputs.verdicts else None
+    return await responses.reconstruction(request, model, x, mu, sigma, inputs.format, encoded, probabilities)
 
 
 @api.post(
@@ -193,15 +201,13 @@ async def sample(request: Request, body: SampleRequest) -> Response:
     registry, inference, state = serving_now(request)
     model, format = query_options(request)
     runtime = registry.get(body.model or model)
-    _check_samples(body.n, state)
-    prior = _chosen_prior(runtime, body.prior)
-    seed = random_seed() if body.seed is None else body.seed
+    draw = _draw(
+        runtime, state, body.n, body.seed, body.temperature, body.prior, body.label, body.return_verdicts,
+        body.min_confidence,
+    )  # fmt: skip
     fmt = chosen_format(body, format)
-    encode_images = responses.image_encoder(request, fmt, body.n)
-    u, z, x, encoded = await inference.sample(runtime, body.n, seed, body.temperature, prior, encode_images)
-    return await responses.samples(
-        request, runtime, x, u, z, seed, body.temperature, prior, fmt, body.return_latents, encoded
-    )
+    drawn = await inference.sample(runtime, draw, responses.image_encoder(request, fmt, body.n))
+    return await responses.samples(request, runtime, draw, drawn, fmt, body.return_latents)
 
 
 @api.get(
@@ -212,7 +218,10 @@ async def sample(request: Request, body: SampleRequest) -> Response:
     responses={
         200: {
             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-            "description": "A PNG grid; headers X-Seed and X-Prior hold the seed and prior used.",
+            "description": "A PNG grid; headers X-Seed and X-Prior hold the seed and prior used, X-Label "
+            "the class drawn, X-Verdicts (with return_verdicts or min_confidence) each image's verdict "
+            "as `label:confidence`, comma-separated in the grid's reading order, and X-Redraws (with "
+            "min_confidence) how many draws were redrawn.",
         }
     },
 )
@@ -221,26 +230,89 @@ async def sample_png(
     state: State,
     n: Annotated[int, Query(ge=1, description="How many images.")] = 16,
     seed: Annotated[int | None, Query(ge=0, le=MAX_SEED, description="Random when left out.")] = None,
-    temperature: Annotated[FiniteFloat, Query(gt=0.0, le=100.0)] = 1.0,
+    temperature: Annotated[FiniteFloat, Query(gt=0.0, le=100.0, description="As in POST /sample.")] = 1.0,
     prior: Annotated[
         PriorName | None,
         Query(description="`learned` or `standard`, as in POST /sample; the model's default when left out."),
+    ] = None,
+    label: Annotated[Label | None, Query(description="A class index or name, as in POST /sample.")] = None,
+    return_verdicts: Annotated[bool, Query(description="Verdicts in the X-Verdicts header.")] = False,
+    min_confidence: Annotated[
+        FiniteFloat | None, Query(gt=0.0, lt=1.0, description="As in POST /sample.")
     ] = None,
     model: ModelQuery = None,
 ) -> Response:
     registry, inference = serving
     runtime = registry.get(model)
-    _check_samples(n, state)
-    chosen = _chosen_prior(runtime, prior)
-    seed = random_seed() if seed is None else seed
-    _, _, x, _ = await inference.sample(runtime, n, seed, temperature, chosen)
-    return await responses.png_response(x, responses.sample_headers(seed, chosen))
+    draw = _draw(runtime, state, n, seed, temperature, prior, label, return_verdicts, min_confidence)
+    drawn = await inference.sample(runtime, draw)
+    return await responses.png_response(drawn.images, responses.sample_headers(draw, drawn))
 
 
-def _check_samples(n: int, state: ServiceState) -> None:
+def _draw(
+    runtime: ModelRuntime,
+    state: ServiceState,
+    n: int,
+    seed: int | None,
+    temperature: float,
+    prior: str | None,
+    label: int | str | None,
+    verdicts: bool,
+    min_confidence: float | None,
+) -> Draw:
+    """A /sample request's draw, checked against the model: 422 for what it cannot do."""
     limit = state.settings.max_samples
     if n > limit:
         raise TooManyItems(f"n is {n}; at most {limit} samples are drawn per request (VAE_MAX_SAMPLES)")
+    chosen = _chosen_prior(runtime, prior)
+    index = None if label is None else _class_index(runtime, label, chosen)
+    _check_classifier(runtime, verdicts or min_confidence is not None)
+    return Draw(
+        n=n,
+        seed=random_seed() if seed is None else seed,
+        temperature=temperature,
+        prior=chosen,
+        label=index,
+        verdicts=verdicts,
+        min_confidence=min_confidence,
+    )
+
+
+def _class_index(runtime: ModelRuntime, label: int | str, prior: str) -> int:
+    """The index of the class `label` names (its index, or its name), for a conditional draw."""
+    where = f"model {runtime.name!r} ({runtime.version})"
+    if not runtime.classes:
+        raise UnknownLabel(f"{where} has no classes, so it cannot draw a given label; leave `label` out")
+    listed = ", ".join(f"{i} ({name!r})" for i, name in enumerate(runtime.classes))
+    if isinstance(label, str) and label in runtime.classes:
+        index: int | None = runtime.classes.index(label)
+    elif isinstance(label, str) and not (label.isascii() and label.isdigit()):
+        index = None
+    else:  # an index, or one written as a string (a query parameter always is)
+        number = int(label)
+        index = number if 0 <= number < len(runtime.classes) else None
+    if index is None:
+        shown = label if isinstance(label, int) or (label.isascii() and label.isdigit()) else repr(label)
+        raise UnknownLabel(
+            f"{where} has no class {shown}; its classes, by index and name: {listed}",
+            classes=list(runtime.classes),
+        )
+    if not runtime.conditional:
+        raise UnknownLabel(f"{where} lists classes but its learned prior cannot draw a given one")
+    if prior != LEARNED_PRIOR:
+        raise UnknownLabel(
+            f"`label` draws through the learned prior's mixture for that class; this request asks for "
+            f"the {prior!r} prior. Leave `prior` out (or send 'learned') to draw a given label"
+        )
+    return index
+
+
+def _check_classifier(runtime: ModelRuntime, needed: bool) -> None:
+    if needed and not runtime.has_classifier:
+        raise NoClassifier(
+            f"model {runtime.name!r} ({runtime.version}) ships no classifier, so it has no verdicts to "
+            "give; leave out return_verdicts and min_confidence (GET /models lists each model's `classifier`)"
+        )
 
 
 def _chosen_prior(runtime: ModelRuntime, prior: str | None) -> str:

@@ -37,6 +37,7 @@ Integer = Annotated[int, BeforeValidator(_whole)]
 Invert = Literal["auto"] | StrictBool
 ImageFormat = Literal["png", "array"]
 PriorName = Literal["learned", "standard"]
+Label = Annotated[int, Field(ge=0, le=1023)] | Annotated[str, Field(min_length=1, max_length=64)]
 Images = list[str] | list[list[list[float]]]
 
 MODEL_FIELD = Field(
@@ -52,6 +53,29 @@ PRIOR_FIELD = Field(
     "shapes between digits. `learned`: z = prior(u), the model's learned map from noise to where "
     "the codes of real digits lie (the aggregate posterior), so draws avoid those holes. Left out: "
     "the model's default, `learned` where it has one (GET /models/{name} lists its priors).",
+)
+LABEL_FIELD = Field(
+    None,
+    description="Draw only this class: its index (0-9 for digits) or its name as GET /models/{name} "
+    "lists it. Every draw then goes through the learned prior's mixture for that class, p(z | y); "
+    "only for models that list classes, and not with `prior: standard`.",
+    examples=[7, "7"],
+)
+VERDICTS_FIELD = Field(
+    False,
+    description="Also return `verdicts`: per image, the class the model's shipped classifier reads "
+    "(`label`, an index into the model's classes) and its probability (`confidence`). Only for "
+    "models whose artifact ships a classifier (GET /models/{name}: `classifier`).",
+)
+MIN_CONFIDENCE_FIELD = Field(
+    None,
+    gt=0.0,
+    lt=1.0,
+    description="Return only draws that the classifier reads as the requested `label` (or, without "
+    "one, as any class) with at least this probability; the others are redrawn from fresh noise "
+    "that depends on the seed alone, so the same seed gives the same images. `redraws` says how "
+    "many were redrawn. When some draw is still not accepted after VAE_MAX_DRAW_ATTEMPTS attempts "
+    "(10 by default) the answer is 422 `min-confidence-not-reached`.",
 )
 FORMAT_FIELD = Field(
     "png",
@@ -81,7 +105,8 @@ def _image_request_schema(schema: dict[str, Any]) -> None:
         nullable = props[name].pop("anyOf")
         props[name].update(next(branch for branch in nullable if branch.get("type") == "array"), minItems=1)
     # A PNG or JPEG file in base64, or a data: URL of one (IMAGE_FORMAT).
-    props["images"]["items"].update(format=IMAGE_FORMAT, contentEncoding="base64")
+    # Never empty: "" is no file (the server says so with 422 invalid-image).
+    props["images"]["items"].update(format=IMAGE_FORMAT, contentEncoding="base64", minLength=1)
     pixel = {"type": "number", "minimum": 0.0, "maximum": 1.0}
     # With examples: a generator that must invent 28 x 28 numbers for every case spends
     # seconds on each (schemathesis' coverage phase took 135 s for /encode without them).
@@ -92,7 +117,12 @@ def _image_request_schema(schema: dict[str, Any]) -> None:
 
 
 def _decode_request_schema(schema: dict[str, Any]) -> None:
-    """Examples, and what service.api.inputs.latents checks of every number: within ±MAX_ABS_LATENT."""
+    """Examples, and what service.api.inputs.latents checks of every number: within ±MAX_ABS_LATENT.
+
+    One rule the document cannot state: every row of z has the latent_dim of the model the
+    request selects, and that model may be named by the `model` query parameter, which a body
+    schema cannot see (and the loaded models change on reload, while clients cache the
+    document). The description says it; tests/service/test_openapi.py tests the 422 it gets."""
     schema["examples"] = [
         {"z": [[0.0] * 32]},
         {"z": [[0.5, -1.0], [1.5, 0.2]], "model": "mnist-2d", "format": "array"},
@@ -122,6 +152,11 @@ class ImageRequest(_Request):
         "background (MNIST digits are light on black); true or false forces it.",
     )
     format: ImageFormat = FORMAT_FIELD
+    return_verdicts: StrictBool = Field(
+        False,
+        description="Also return `verdicts`: the shipped classifier's reading of each image (/encode: "
+        "of the image sent; /reconstruct: of its reconstruction), `label` and `confidence`.",
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -154,7 +189,9 @@ class ImageRequest(_Request):
 class DecodeRequest(_Request):
     z: list[Annotated[list[FiniteFloat], Field(min_length=1)]] = Field(
         min_length=1,
-        description="Latent vectors, one row of latent_dim numbers per image.",
+        description="Latent vectors, one row per image, each of exactly the latent_dim of the model the "
+        "request selects (the body's `model`, else the `model` query parameter, else the default; GET "
+        "/models lists each model's latent_dim); other widths are refused with 422 invalid-latents.",
         examples=[[[0.0] * 32]],  # for the default model, mnist (latent_dim 32)
     )
     model: str | None = MODEL_FIELD
@@ -179,10 +216,16 @@ class SampleRequest(_Request):
         1.0,
         gt=0.0,
         le=100.0,
-        description="Scales the noise: u ~ N(0, temperature^2 I), which is z itself under the "
-        "standard prior. Below 1 gives cleaner, less varied digits.",
+        description="The spread of the draws. Under the standard prior it scales the noise, z = "
+        "temperature * u. Under a learned mixture prior (format 3 models) it scales the draw within "
+        "the mixture component, z = mean_k + L_k (temperature * v), and never changes which "
+        "component is used: the mix of digits is the same at every temperature. Below 1 gives "
+        "cleaner, less varied digits.",
     )
     prior: PriorName | None = PRIOR_FIELD
+    label: Label | None = LABEL_FIELD
+    return_verdicts: StrictBool = VERDICTS_FIELD
+    min_confidence: FiniteFloat | None = MIN_CONFIDENCE_FIELD
     return_latents: StrictBool = Field(
         False, description="Also return the latent vectors z and the noise u they were made from."
     )
@@ -196,9 +239,15 @@ class SampleRequest(_Request):
                 {"n": 16, "seed": 1},
                 {"n": 4, "seed": 7, "temperature": 0.8, "return_latents": True, "format": "array"},
                 {"n": 16, "seed": 3, "prior": "standard"},
+                {"n": 8, "seed": 1, "label": 7, "return_verdicts": True, "min_confidence": 0.9},
             ]
         },
     )
+
+
+class Verdict(BaseModel):
+    label: int = Field(description="The class the classifier reads, an index into the model's classes.")
+    confidence: float = Field(description="The classifier's probability for that class.")
 
 
 class EncodeResponse(BaseModel):
@@ -208,6 +257,7 @@ class EncodeResponse(BaseModel):
     mu: list[list[float]] = Field(description="Posterior means, [B][latent_dim].")
     sigma: list[list[float]] = Field(description="Posterior standard deviations, [B][latent_dim].")
     kl: list[float] = Field(description="Each image's KL(q(z|x) || N(0, I)), in nats.")
+    verdicts: list[Verdict] | None = Field(None, description="With return_verdicts: each image's verdict.")
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -251,8 +301,15 @@ class SampleResponse(BaseModel):
     z: list[list[float]] | None = Field(None, description="The latents, when return_latents was true.")
     u: list[list[float]] | None = Field(
         None,
-        description="The noise z was made from, when return_latents was true "
-        "(equal to z under the standard prior).",
+        description="The noise z was made from, u ~ N(0, temperature^2 I), when return_latents was "
+        "true (equal to z under the standard prior).",
+    )
+    label: int | None = Field(None, description="The class drawn (an index), when the request named one.")
+    verdicts: list[Verdict] | None = Field(
+        None, description="With return_verdicts or min_confidence: each image's verdict."
+    )
+    redraws: int | None = Field(
+        None, description="With min_confidence: how many draws were replaced by fresh ones."
     )
 
     model_config = ConfigDict(
@@ -279,6 +336,9 @@ class ReconstructResponse(BaseModel):
     images: Images = Field(description="decode(mu) for each input image.")
     mu: list[list[float]]
     sigma: list[list[float]]
+    verdicts: list[Verdict] | None = Field(
+        None, description="With return_verdicts: the classifier's reading of each reconstruction."
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -293,6 +353,15 @@ class ReconstructResponse(BaseModel):
                 },
             ]
         }
+    )
+
+
+class ClassInfo(BaseModel):
+    index: int
+    name: str
+    train_share: float | None = Field(None, description="Its share of the training images.")
+    mean_code: list[float] | None = Field(
+        None, description="The mean of the posterior means of its test images, [latent_dim]."
     )
 
 
@@ -321,6 +390,15 @@ class ModelInfo(BaseModel):
         default_factory=dict,
         description="Per prior, what the manifest records of it: how it was made, and the digit "
         "classifier's verdict on its draws.",
+    )
+    classes: list[ClassInfo] = Field(
+        default_factory=list,
+        description="The classes `label` can name (empty for a model trained without labels), each "
+        "with its mean code: a point in the region of the latent space where that class lies.",
+    )
+    conditional: bool = Field(False, description="Whether /sample can draw a given class (`label`).")
+    classifier: dict[str, Any] | None = Field(
+        None, description="The shipped classifier that gives verdicts (its test accuracy), or null."
     )
 
     model_config = ConfigDict(

@@ -60,10 +60,12 @@ from service.model.runtime import ModelRuntime, TorchScriptRuntime
 
 log = logging.getLogger("service.model.batching")
 
-# "sample" is the learned prior's draw: noise u -> (z = prior(u), decode(z)) in one pass. (The
-# standard prior's draw, z = temperature * u, is computed per request and decoded by "decode".)
-Op = Literal["encode", "decode", "sample"]
-Outputs = tuple[np.ndarray, ...]  # encode: (mu, sigma); decode: (images,); sample: (z, images)
+# "sample" is the learned prior's draw: rows of noise, temperature and class (latents.draw_rows)
+# -> (z = prior(rows), decode(z)) in one pass. (The standard prior's draw, z = temperature * u,
+# is computed per request and decoded by "decode".) "classify": images -> class probabilities.
+Op = Literal["encode", "decode", "sample", "classify"]
+# encode: (mu, sigma); decode: (images,); sample: (z, images); classify: (probabilities,)
+Outputs = tuple[np.ndarray, ...]
 # Work on one request's outputs that needs no event loop (its PNGs), done on the inference
 # thread after the pass: the loop then only writes the answer.
 Finish = Callable[[Outputs], object]
@@ -99,6 +101,8 @@ def forward(model: ModelRuntime, op: Op, x: np.ndarray) -> Outputs:
     if op == "sample":
         z = model.prior(x)
         return z, model.decode(z)
+    if op == "classify":
+        return (model.classify(x),)
     return (model.decode(x),)
 
 
@@ -524,8 +528,15 @@ def _probe(model: ModelRuntime, op: Op, rows: int) -> np.ndarray:
     """Calibration's inputs: distinct rows like real ones (images in [0, 1], latents and
     noise from N(0, 1)), the same every time."""
     rng = np.random.default_rng(20261202)
-    if op == "encode":
+    if op in ("encode", "classify"):
         return rng.random((rows, 28, 28), dtype=np.float32)
+    if op == "sample":  # noise, temperatures around 1, every class and "any" in turn
+        probe = np.empty((rows, model.latent_dim + 2), np.float32)
+        probe[:, :-2] = rng.standard_normal((rows, model.latent_dim), dtype=np.float32)
+        probe[:, -2] = rng.uniform(0.5, 1.5, rows).astype(np.float32)
+        classes = len(model.classes) if model.conditional else 0
+        probe[:, -1] = np.arange(rows) % (classes + 1) - 1
+        return probe
     return rng.standard_normal((rows, model.latent_dim), dtype=np.float32)
 
 
@@ -572,7 +583,11 @@ def warm_up_rows(model: ModelRuntime, policy: BatchPolicy, runs: int = 3) -> tup
     much more on a loaded machine) must not land on a client's request. Returns the sizes
     (empty where every pass has max_size rows) and the seconds it took."""
     started = time.perf_counter()
-    ops: list[Op] = ["encode", "decode", *(["sample"] if LEARNED_PRIOR in model.priors else [])]
+    ops: list[Op] = ["encode", "decode"]
+    if LEARNED_PRIOR in model.priors:
+        ops.append("sample")
+    if model.has_classifier:
+        ops.append("classify")
     sizes: dict[Op, tuple[int, ...]] = {}
     calibrating = policy.exact and policy.pass_sizes == "calibrated"
     for op in ops:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from service.artifact import STANDARD_PRIOR
-from service.errors import RequestTimedOut
+from service.errors import ConfidenceNotReached, RequestTimedOut
 from service.metrics import REQUEST_STARTED, Metrics
 from service.model import faults
 from service.model.batching import (
@@ -35,7 +35,8 @@ from service.model.batching import (
     needs_warm_up,
     warm_up_rows,
 )
-from service.model.latents import draw_latents
+from service.model.draws import Draw, Drawn
+from service.model.latents import draw_latents, draw_rows, redraw_latents
 from service.model.runtime import ModelRuntime
 from service.settings import Settings
 
@@ -72,8 +73,10 @@ class Inference:
         threads: int = 1,
         batching: BatchPolicy | None = None,
         timeout: float = 0.0,
+        max_attempts: int = 10,
     ) -> None:
         self.metrics = metrics
+        self.max_attempts = max_attempts  # VAE_MAX_DRAW_ATTEMPTS: rounds of drawing for min_confidence
         self.timeout = timeout  # VAE_REQUEST_TIMEOUT_S; 0: none
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vae-inference")
         self.batching = batching
@@ -93,7 +96,13 @@ class Inference:
             if settings.batching
             else None
         )
-        return cls(metrics, settings.inference_threads, policy, settings.request_timeout_s)
+        return cls(
+            metrics,
+            settings.inference_threads,
+            policy,
+            settings.request_timeout_s,
+            settings.max_draw_attempts,
+        )
 
     async def _limited(self, model: ModelRuntime, op: str, work: Awaitable[T]) -> T:
         """`work`, or 503 `timeout` once the request is VAE_REQUEST_TIMEOUT_S old (counted from
@@ -181,31 +190,64 @@ class Inference:
         (images,), encoded = await self._call(model, "decode", z, lambda: (model.decode(z),), finish)
         return images, encoded
 
+    async def classify(self, model: ModelRuntime, x: np.ndarray) -> np.ndarray:
+        """The shipped classifier's class probabilities [B, classes] for images [B, 28, 28]."""
+        (probabilities,), _ = await self._call(model, "classify", x, lambda: (model.classify(x),), None)
+        return probabilities
+
     async def sample(
-        self,
-        model: ModelRuntime,
-        n: int,
-        seed: int,
-        temperature: float,
-        prior: str,
-        encode_images: ImageEncoder | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, object]:
-        """(u, z, images, encoded) for n draws with this seed: noise u ~ N(0, temperature^2 I),
-        then z = u under the standard prior, z = model.prior(u) under the learned one; and
-        what `encode_images` made of the images on the inference thread (or None)."""
+        self, model: ModelRuntime, draw: Draw, encode_images: ImageEncoder | None = None
+    ) -> Drawn:
+        """The draw's images: noise u ~ N(0, I) from its seed, then z = temperature * u under
+        the standard prior, z = model.prior(u, temperature[, class]) under the learned one;
+        judged by the classifier when the draw asks for verdicts or a minimum confidence.
+
+        With min_confidence, the draws the classifier does not accept are drawn again from
+        fresh noise (latents.redraw_latents: a function of the seed, the attempt and the draw's
+        index alone), up to max_attempts rounds; a draw still not accepted then is an error
+        (ConfidenceNotReached), never a partial answer. `encode_images` makes the PNGs on the
+        inference thread right after the pass, unless redraws may still replace some images."""
         # Drawn here, per request, with the request's own generator (a few µs for small n):
         # the noise never depends on what else is in the batch.
-        u = draw_latents(n, model.latent_dim, seed, temperature)
-        if prior == STANDARD_PRIOR:
-            images, encoded = await self.decode(model, u, encode_images)
-            return u, u, images, encoded
+        u = draw_latents(draw.n, model.latent_dim, draw.seed)
+        finish = None if draw.min_confidence is not None else encode_images
+        z, images, encoded = await self._draw(model, draw, u, finish)
+        drawn = Drawn(u, z, images, encoded)
+        if not draw.judged:
+            return drawn
+        drawn.probabilities = await self.classify(model, images)
+        if draw.min_confidence is None:
+            return drawn
+        while not (accepted := draw.accepted(drawn.probabilities)).all():
+            if drawn.attempts >= self.max_attempts:
+                raise ConfidenceNotReached(
+                    _not_reached(model, draw, int((~accepted).sum()), self.max_attempts)
+                )
+            again = np.flatnonzero(~accepted)
+            fresh = redraw_latents(draw.n, model.latent_dim, draw.seed, drawn.attempts)[again]
+            z, images, _ = await self._draw(model, draw, fresh, None)
+            drawn.u[again], drawn.z[again], drawn.images[again] = fresh, z, images
+            drawn.probabilities[again] = await self.classify(model, images)
+            drawn.redraws += len(again)
+            drawn.attempts += 1
+        return drawn
+
+    async def _draw(
+        self, model: ModelRuntime, draw: Draw, u: np.ndarray, encode_images: ImageEncoder | None
+    ) -> tuple[np.ndarray, np.ndarray, object]:
+        """(z, images, encoded) for noise u [k, latent_dim] at temperature 1, through the draw's prior."""
+        if draw.prior == STANDARD_PRIOR:
+            z = u if draw.temperature == 1.0 else u * np.float32(draw.temperature)
+            images, encoded = await self.decode(model, z, encode_images)
+            return z, images, encoded
+        rows = draw_rows(u, draw.temperature, draw.label)
 
         def call() -> Outputs:
-            z = model.prior(u)
+            z = model.prior(rows)
             return z, model.decode(z)
 
-        (z, images), encoded = await self._call(model, "sample", u, call, _last(encode_images))
-        return u, z, images, encoded
+        (z, images), encoded = await self._call(model, "sample", rows, call, _last(encode_images))
+        return z, images, encoded
 
     async def warm_up(self, models: list[ModelRuntime]) -> None:
         """Calibrates each model's pass sizes and runs it at every one of them before it
@@ -239,6 +281,16 @@ class Inference:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _not_reached(model: ModelRuntime, draw: Draw, missing: int, attempts: int) -> str:
+    wanted = "any class" if draw.label is None else f"class {draw.label} ({model.classes[draw.label]!r})"
+    return (
+        f"{missing} of the {draw.n} draws were still not read as {wanted} with confidence >= "
+        f"{draw.min_confidence:g} by model {model.name!r}'s classifier after {attempts} attempts each "
+        "(VAE_MAX_DRAW_ATTEMPTS); ask for a lower min_confidence or a lower temperature, or leave "
+        "min_confidence out and read the verdicts"
+    )
 
 
 def _last(encode_images: ImageEncoder | None) -> Finish | None:

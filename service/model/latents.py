@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import secrets
 
@@ -44,3 +45,22 @@ def kl_to_prior(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     mu64 = mu.astype(np.float64)
     sigma64 = sigma.astype(np.float64)
     return 0.5 * (mu64**2 + sigma64**2 - 1.0 - 2.0 * np.log(sigma64)).sum(axis=1)
+
+
+def redraw_latents(n: int, latent_dim: int, seed: int, attempt: int) -> np.ndarray:
+    """The noise of a request's `attempt`-th redraw (min_confidence): n rows from a generator
+    seeded by a hash of (seed, attempt), of which the draws being replaced take their own row,
+    so that draw i's noise depends on the seed, i and the attempt only, never on the others."""
+    digest = hashlib.blake2b(f"{seed}:{attempt}".encode(), digest_size=8).digest()
+    return draw_latents(n, latent_dim, int.from_bytes(digest, "big") >> 1)
+
+
+def draw_rows(u: np.ndarray, temperature: float, label: int | None) -> np.ndarray:
+    """A draw through the learned prior as the rows its pass takes, float32 [n, latent_dim + 2]:
+    the noise u (at temperature 1), the temperature, the class index (-1: any class). One
+    array, so that requests of different temperatures and classes merge into one pass."""
+    rows = np.empty((len(u), u.shape[1] + 2), np.float32)
+    rows[:, :-2] = u
+    rows[:, -2] = temperature
+    rows[:, -1] = -1 if label is None else label
+    return rows

@@ -39,6 +39,9 @@ class ModelRuntime(Protocol):
     manifest: dict[str, Any]
     priors: tuple[str, ...]  # "standard" first; "learned" when the model has prior()
     default_prior: str
+    classes: tuple[str, ...]  # class names by index; empty for a model without classes
+    conditional: bool  # whether its learned prior draws a given class
+    has_classifier: bool  # whether classify() gives verdicts
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x [B, 28, 28] in [0, 1] -> (mu, sigma), each [B, latent_dim]."""
@@ -48,17 +51,30 @@ class ModelRuntime(Protocol):
         """z [B, latent_dim] -> Bernoulli means [B, 28, 28] in [0, 1]."""
         ...
 
-    def prior(self, u: np.ndarray) -> np.ndarray:
-        """The learned prior's map: noise u [B, latent_dim] -> latents z [B, latent_dim].
-        Only called when "learned" is among `priors`."""
+    def prior(self, rows: np.ndarray) -> np.ndarray:
+        """The learned prior's map: rows [B, latent_dim + 2] (service.model.latents.draw_rows:
+        noise u, temperature, class index or -1) -> latents z [B, latent_dim]. Only called
+        when "learned" is among `priors`; a class index only when `conditional`."""
+        ...
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        """Images [B, 28, 28] in [0, 1] -> class probabilities [B, len(classes)]. Only called
+        when `has_classifier`."""
         ...
 
 
 class TorchScriptRuntime:
     """A TorchScript artifact on one device."""
 
-    def __init__(self, model: torch.jit.ScriptModule, art: artifact.Artifact, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.jit.ScriptModule,
+        art: artifact.Artifact,
+        device: torch.device,
+        classifier: torch.jit.ScriptModule | None = None,
+    ) -> None:
         self.model = model
+        self.classifier = classifier
         self.artifact = art
         self.name = art.name
         self.version = art.version
@@ -67,6 +83,12 @@ class TorchScriptRuntime:
         self.manifest = art.manifest
         self.priors = art.priors
         self.default_prior = art.default_prior
+        self.classes = art.classes
+        self.conditional = art.conditional
+        self.has_classifier = classifier is not None
+        # Format 3 takes the temperature as an argument (it scales the spread within a
+        # component); formats 1 and 2 take the scaled noise, exactly as before.
+        self._tempered = art.format_version >= 3
         # The report's latent map (for the explorer page): read and checked once, here at load.
         self.latent_map = latent_map.read(art)
         self._device = device
@@ -80,7 +102,7 @@ class TorchScriptRuntime:
                 f"{path}: manifest says latent_dim {art.latent_dim}, "
                 f"the TorchScript model says {scripted_dim}"
             )
-        return cls(model, art, device)
+        return cls(model, art, device, artifact.load_classifier(art, device))
 
     # As few torch calls as possible around the model, shapes changed in numpy: every torch
     # call from Python lets go of the GIL and must take it back, and on a busy server each
@@ -95,9 +117,24 @@ class TorchScriptRuntime:
         with torch.inference_mode():
             return _to_numpy(self.model.decode(self._input(z)))[:, 0]
 
-    def prior(self, u: np.ndarray) -> np.ndarray:
+    def prior(self, rows: np.ndarray) -> np.ndarray:
+        d = self.latent_dim
+        u, temperature = rows[:, :d], rows[:, d]
         with torch.inference_mode():
-            return _to_numpy(self.model.prior(self._input(u)))
+            if not self._tempered:
+                # u * t in float32, the very product /sample computed before format 3
+                return _to_numpy(self.model.prior(self._input(u * temperature[:, None])))
+            t = self._input(temperature)
+            if self.conditional:
+                y = torch.from_numpy(rows[:, d + 1].astype(np.int64))
+                y = y if self._device.type == "cpu" else y.to(self._device)
+                return _to_numpy(self.model.prior_given(self._input(u), y, t))
+            return _to_numpy(self.model.prior(self._input(u), t))
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        assert self.classifier is not None
+        with torch.inference_mode():
+            return _to_numpy(self.classifier(self._input(x[:, None])))
 
     def _input(self, array: np.ndarray) -> torch.Tensor:
         """A request's array as the model's float32 input, on its device (no copy on the CPU
@@ -121,12 +158,22 @@ class TorchScriptRuntime:
                 f"{self.artifact.path}: the model returns NaN or infinity on a blank image"
             )
         if artifact.LEARNED_PRIOR in self.priors:
-            z = self.prior(np.zeros((2, self.latent_dim), np.float32))
+            rows = np.zeros((2, self.latent_dim + 2), np.float32)
+            rows[:, -2] = 1.0
+            rows[:, -1] = [-1, 0 if self.conditional else -1]
+            z = self.prior(rows)
             if z.shape != (2, self.latent_dim) or not np.isfinite(z).all():
                 raise artifact.ArtifactError(
                     f"{self.artifact.path}: prior(u) returned {list(z.shape)} "
                     f"{'values' if np.isfinite(z).all() else 'with NaN or infinity'} for u = 0; "
                     f"expected finite [2, {self.latent_dim}]"
+                )
+        if self.classifier is not None:
+            probabilities = self.classify(images)
+            if probabilities.shape != (2, len(self.classes)) or not np.isfinite(probabilities).all():
+                raise artifact.ArtifactError(
+                    f"{self.artifact.path}: classifier.pt returned {list(probabilities.shape)} for two "
+                    f"images; expected finite [2, {len(self.classes)}] (one probability per class)"
                 )
         return time.perf_counter() - start
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,8 +126,8 @@ def test_future_format_is_refused(store: Path) -> None:
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(artifact.ArtifactError, match="format_version 99 is newer than this code") as caught:
         artifact.verify(path)
-    assert "reads versions 1, 2" in str(caught.value) and "upgrade the service" in str(caught.value)
-    for odd in ("2", True, 0):
+    assert "reads versions 1, 2, 3" in str(caught.value) and "upgrade the service" in str(caught.value)
+    for odd in ("3", True, 0, 3.5):
         manifest["format_version"] = odd
         (path / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(artifact.ArtifactError, match="is not a format version"):
@@ -149,10 +151,50 @@ def test_a_format_1_artifact_has_the_standard_prior_only(store: Path) -> None:
     assert art.priors == ("standard",) and art.default_prior == "standard"
 
 
-def test_new_artifacts_are_format_2_and_list_their_priors(store: Path) -> None:
+def test_new_artifacts_are_format_3_and_list_their_priors(store: Path) -> None:
     _, art = artifact.load(store / "m" / "v1")
-    assert art.manifest["format_version"] == 2
+    assert art.manifest["format_version"] == 3
     assert art.priors == ("standard",) and art.default_prior == "standard"
+    assert art.classes == () and not art.conditional and not art.has_classifier
+
+
+def test_a_format_3_artifact_with_classes_ships_its_classifier(classes_store: Path) -> None:
+    model, art = artifact.load(artifact.resolve(classes_store, "tiny-classes"))
+    assert art.classes == ("c0", "c1", "c2") and art.conditional and art.has_classifier
+    assert "classifier.pt" in art.manifest["files"] and hasattr(model, "prior_given")
+    classifier = artifact.load_classifier(art)
+    assert classifier is not None
+    with torch.no_grad():
+        probabilities = classifier(torch.rand(4, 1, 28, 28))
+    assert probabilities.shape == (4, 3) and torch.allclose(probabilities.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"classes": [{"index": 1, "name": "a"}]}, "must list indices 0 to 0 in order"),
+        ({"classes": [{"index": 0, "name": "a"}, {"index": 1, "name": "a"}]}, "distinct non-empty strings"),
+        ({"classes": "0123"}, "must be a list of objects"),
+        ({"classifier": {"file": "../x.pt"}}, "whose `file` is 'classifier.pt'"),
+        ({"classes": None}, "a classifier needs the `classes`"),
+    ],
+)
+def test_bad_classes_or_classifier_entries_are_refused(
+    classes_store: Path, tmp_path: Path, changes: dict, message: str
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact.resolve(classes_store, "tiny-classes"), copy)
+    rewrite(copy, **changes)
+    with pytest.raises(artifact.ArtifactError, match=re.escape(message)):
+        artifact.verify(copy)
+
+
+def test_a_tampered_classifier_is_refused(classes_store: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact.resolve(classes_store, "tiny-classes"), copy)
+    (copy / "classifier.pt").write_bytes((copy / "classifier.pt").read_bytes() + b"x")
+    with pytest.raises(artifact.ArtifactError, match=r"classifier\.pt has sha256"):
+        artifact.verify(copy)
 
 
 @pytest.mark.parametrize(

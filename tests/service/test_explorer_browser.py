@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from browser_support import HAS_CHROMIUM, ONE, OUTPUT, SEVEN, ZERO, launch, served, stop, stroke
 from conftest import make_artifact, synthetic_latent_map
@@ -64,6 +65,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_artifact(
         store, "tiny-2d", latent_dim=2, seed=1, report_files=synthetic_latent_map(2), learned_prior=True
     )
+    # Three classes, a class-conditional prior and a classifier (format 3 in full).
+    make_artifact(store, "tiny-classes", latent_dim=6, seed=3, classes=3)
     return store
 
 
@@ -110,7 +113,7 @@ def console() -> Console:
 @pytest.fixture
 def page(browser: Browser, server: Server, console: Console) -> Iterator[Page]:
     page = open_page(browser, server, console)
-    expect(page.locator("#model option")).to_have_count(2)
+    expect(page.locator("#model option")).to_have_count(3)
     yield page
     page.context.close()
     assert console.unexpected() == [], "the page logged errors"
@@ -125,7 +128,7 @@ def image_src(page: Page, selector: str) -> str:
 
 def test_model_selector_lists_the_loaded_models(page: Page) -> None:
     options = page.locator("#model option")
-    assert options.evaluate_all("os => os.map(o => o.value)") == ["tiny", "tiny-2d"]
+    assert options.evaluate_all("os => os.map(o => o.value)") == ["tiny", "tiny-2d", "tiny-classes"]
     expect(page.locator("#model")).to_have_value("tiny")  # the default (no mnist in this store)
     expect(page.locator("#model option").first).to_contain_text("latent_dim 8, default")
     # The map prefers the 2-D model: there the map is the whole latent space.
@@ -189,6 +192,48 @@ def test_both_priors_are_drawn_from_the_same_seed_side_by_side(page: Page, outpu
     learned = page.locator("#sample-grid-learned img").evaluate_all("imgs => imgs.map(i => i.src)")
     assert standard != learned, "the learned prior maps the noise elsewhere"
     page.locator("#sample-panel").screenshot(path=output_dir / "explorer-priors.png")
+
+
+def test_the_prior_panel_asks_for_a_digit_and_shows_each_draws_verdict(
+    page: Page, server: Server, output_dir: Path
+) -> None:
+    """A model with classes: the digit selector lists them, a chosen one is what the learned
+    grid draws, and every draw of both grids carries the classifier's verdict, the doubtful
+    ones (< 90 %) marked: the same verdicts the API gives for that seed."""
+    label = page.locator("#sample-label")
+    expect(label).to_be_disabled()  # tiny: no classes
+    page.select_option("#model", "tiny-classes")
+    expect(label).to_be_enabled()
+    assert label.locator("option").evaluate_all("os => os.map(o => [o.value, o.text])") == [
+        ["", "any"],
+        ["0", "c0"],
+        ["1", "c1"],
+        ["2", "c2"],
+    ]
+    page.fill("#sample-n", "12")
+    page.fill("#sample-seed", "21")
+    label.select_option("1")  # draws at once
+    learned = page.locator("#sample-grid-learned figure.draw")
+    standard = page.locator("#sample-grid-standard figure.draw")
+    expect(learned).to_have_count(12)
+    expect(standard).to_have_count(12)
+    expect(page.locator("#sample-why")).to_contain_text("into the region of the c1s")
+    expect(page.locator("#sample-verdicts")).to_contain_text("learned-prior draws (asked for c1)")
+    body = {"n": 12, "seed": 21, "label": 1, "return_verdicts": True, "model": "tiny-classes"}
+    answer = httpx.post(f"{server.url}/sample", json=body, headers={"X-API-Key": KEY}).json()
+    shown = learned.evaluate_all("fs => fs.map(f => [Number(f.dataset.label), Number(f.dataset.confidence)])")
+    assert [label for label, _ in shown] == [v["label"] for v in answer["verdicts"]]
+    assert [round(c, 5) for _, c in shown] == [round(v["confidence"], 5) for v in answer["verdicts"]]
+    for grid in (learned, standard):
+        marked = grid.evaluate_all(
+            "fs => fs.map(f => [f.classList.contains('doubtful'), Number(f.dataset.confidence)])"
+        )
+        assert all(doubtful == (confidence < 0.9) for doubtful, confidence in marked)
+        captions = grid.locator("figcaption").all_inner_texts()
+        assert all(re.fullmatch(r"c[0-2] \d{1,3}%", text) for text in captions), captions
+    page.locator("#sample-panel").screenshot(path=output_dir / "explorer-verdicts.png")
+    label.select_option("")  # any digit again
+    expect(page.locator("#sample-why")).not_to_contain_text("region of the")
 
 
 def test_draws_of_both_priors_are_plotted_over_the_map(page: Page, output_dir: Path) -> None:
@@ -300,7 +345,7 @@ def test_a_missing_key_asks_for_it_and_a_wrong_one_says_so(
     expect(status).to_contain_text("needs an API key (401)")
     page.fill("#api-key", KEY)
     page.click("#key-form button[type=submit]")
-    expect(page.locator("#model option")).to_have_count(2)
+    expect(page.locator("#model option")).to_have_count(3)
     expect(status).to_be_hidden()
     expect(page.locator("#sample-grid img")).to_have_count(16)
     assert page.evaluate(f"sessionStorage.getItem({KEY_STORAGE!r})") == KEY

@@ -49,6 +49,8 @@ class FaultyRuntime:
         self.name, self.version, self.latent_dim = inner.name, inner.version, inner.latent_dim
         self.device, self.manifest = inner.device, inner.manifest
         self.priors, self.default_prior = inner.priors, inner.default_prior
+        self.classes, self.conditional = inner.classes, inner.conditional
+        self.has_classifier = inner.has_classifier
         self.decoded: list[np.ndarray] = []
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +69,11 @@ class FaultyRuntime:
         images[z[:, 0] == INF_AT] = np.inf
         return images
 
-    def prior(self, u: np.ndarray) -> np.ndarray:
-        return self.inner.prior(u)
+    def prior(self, rows: np.ndarray) -> np.ndarray:
+        return self.inner.prior(rows)
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        return self.inner.classify(x)
 
 
 def test_the_double_implements_the_runtime_interface(tiny_store: Path) -> None:

@@ -1,7 +1,9 @@
-"""/sample through both priors: the standard prior is exactly temperature * u, the learned
-one exactly prior(temperature * u) decoded; batching changes no bit; a format 1 artifact
-serves the standard prior only; an unknown prior, or `learned` on a model without one, is a
-422 that names the model's priors; the client and vae-client pass `prior` through."""
+"""/sample through both priors of a format 2 model, served exactly as before format 3: the
+standard prior is exactly temperature * u, the learned one exactly prior(temperature * u)
+decoded; batching changes no bit; a format 1 artifact serves the standard prior only; an
+unknown prior, or `learned` on a model without one, is a 422 that names the model's priors;
+the client and vae-client pass `prior` through. (Format 3, where the prior takes the
+temperature and a class: tests/service/test_classes_service.py.)"""
 
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ from vae_client.client import VAEClient
 from service import artifact
 from service.app import create_app
 from service.model.batching import BatchPolicy, forward_rows, warm_up_rows
-from service.model.latents import draw_latents
+from service.model.latents import draw_latents, draw_rows
 from service.model.runtime import TorchScriptRuntime
-from tests.conftest import make_artifact
+from tests.conftest import make_artifact, make_format_2_artifact
 
 LATENT_DIM = 6
 
@@ -45,7 +47,7 @@ def write_format_1(store: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("priors")
-    make_artifact(root, "learned", latent_dim=LATENT_DIM, seed=3, learned_prior=True)
+    make_format_2_artifact(root, "learned", latent_dim=LATENT_DIM, seed=3)
     write_format_1(root, "old")
     return root
 
@@ -62,6 +64,12 @@ def learned(store: Path) -> TorchScriptRuntime:
     return TorchScriptRuntime.load(artifact.resolve(store, "learned"), torch.device("cpu"))
 
 
+def format_2_prior(runtime: TorchScriptRuntime, u: np.ndarray) -> np.ndarray:
+    """What format 2's prior(u) gives for noise already scaled by the temperature."""
+    with torch.no_grad():
+        return runtime.model.prior(torch.from_numpy(u)).numpy()
+
+
 def sample(api: InProcess, **body) -> dict:
     response = api.post("/sample", json={"format": "array", "return_latents": True, **body})
     assert response.status_code == 200, response.text
@@ -74,7 +82,8 @@ def test_the_learned_prior_is_the_default_and_is_prior_of_u(served: InProcess, l
     u = draw_latents(5, LATENT_DIM, 11, 0.7)
     np.testing.assert_array_equal(np.asarray(got["u"], np.float32), u)
     z = np.asarray(got["z"], np.float32)
-    np.testing.assert_allclose(z, learned.prior(u), atol=1e-6)
+    np.testing.assert_allclose(z, format_2_prior(learned, u), atol=1e-6)
+    assert got["version"] == "v1" and learned.artifact.format_version == 2
     assert np.abs(z - u).max() > 0.1  # a real map, not the identity
     np.testing.assert_allclose(np.asarray(got["images"], np.float32), learned.decode(z), atol=1e-6)
 
@@ -204,10 +213,10 @@ def test_a_rows_draw_through_the_learned_prior_is_independent_of_its_pass(learne
     sizes = warm_up_rows(learned, policy)[0]["sample"]
     assert sizes[-1] == 16
     rng = np.random.default_rng(0)
-    u = rng.normal(size=(1, LATENT_DIM)).astype(np.float32)
+    u = draw_rows(rng.normal(size=(1, LATENT_DIM)).astype(np.float32), 0.8, None)
     z_alone, x_alone = forward_rows(learned, "sample", u, policy, sizes=sizes)
     for total in range(1, 35):  # every calibrated size, and requests over max_size rows
-        others = rng.normal(size=(total - 1, LATENT_DIM)).astype(np.float32)
+        others = draw_rows(rng.normal(size=(total - 1, LATENT_DIM)).astype(np.float32), 1.2, None)
         for where in {0, (total - 1) // 2, total - 1}:
             z, x = forward_rows(
                 learned, "sample", np.insert(others, where, u[0], axis=0), policy, sizes=sizes

@@ -63,6 +63,9 @@ def test_health_readiness_and_models(api: InProcess) -> None:
         "priors": ["standard"],
         "default_prior": "standard",
         "prior_metrics": {"standard": {}},
+        "classes": [],
+        "conditional": False,
+        "classifier": None,
     }
 
 

@@ -18,7 +18,14 @@ from tests.datasets import write_dataset
 from trainer import cli
 from trainer import train_prior as train_prior_module
 from trainer.export import with_prior
-from trainer.prior import Flow, FlowConfig, MixtureMap, NoiseToLatent, rational_quadratic_spline
+from trainer.prior import (
+    ClassMixtureMap,
+    Flow,
+    FlowConfig,
+    MixtureMap,
+    NoiseToLatent,
+    rational_quadratic_spline,
+)
 from trainer.train_prior import MixtureConfig, PriorTrainConfig, fit_mixture, train_prior
 
 TINY_FLOW = FlowConfig(latent_dim=4, couplings=3, hidden=16, bins=5)
@@ -192,7 +199,9 @@ def test_with_prior_keeps_encoder_and_decoder_and_adds_prior(tmp_path: Path) -> 
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(model.encode(x), base.encode(x), strict=True))
         assert torch.equal(model.decode(z), base.decode(z))
-        assert torch.equal(model.prior(z), mixture(z)) and model.prior(z).shape == (5, 4)
+        drawn = model.prior(z, torch.ones(5))
+        assert torch.equal(drawn, mixture(z)) and drawn.shape == (5, 4)
+        assert not hasattr(model, "prior_given")  # one mixture: no classes to draw from
 
 
 def stage_args(data_dir: Path, store: Path, workdir: Path) -> list[str]:
@@ -204,8 +213,9 @@ def stage_args(data_dir: Path, store: Path, workdir: Path) -> list[str]:
 
 
 def test_a_stage_on_top_of_an_artifact_end_to_end(tmp_path: Path) -> None:
-    """vae-train --from-artifact: seconds on a tiny model; the new version serves the base's
-    encoder and decoder bit for bit, adds prior(u) and records both priors."""
+    """vae-train --from-artifact: seconds on a tiny model; the new version (format 3) serves the
+    base's encoder and decoder bit for bit, adds the class-conditional prior_given(u, y, t) and
+    prior(u, t), lists the dataset's classes and records both priors."""
     (tmp_path / "data").mkdir()
     data_dir = write_dataset(tmp_path / "data", n_train=200, n_test=60)
     store = tmp_path / "store"
@@ -218,13 +228,19 @@ def test_a_stage_on_top_of_an_artifact_end_to_end(tmp_path: Path) -> None:
     model, art = artifact.load(store / "toy" / "v2")
     m = art.manifest
     assert (
-        m["format_version"] == 2 and art.priors == ("standard", "learned") and art.default_prior == "learned"
+        m["format_version"] == 3 and art.priors == ("standard", "learned") and art.default_prior == "learned"
     )
+    assert art.conditional and art.classes == tuple(str(k) for k in range(10))
+    assert [c["index"] for c in m["classes"]] == list(range(10))
+    assert abs(sum(c["train_share"] for c in m["classes"]) - 1) < 1e-3
+    assert all(len(c["mean_code"]) == 3 for c in m["classes"] if c["mean_code"] is not None)
+    assert not art.has_classifier  # the digit classifier judges MNIST only
     assert (
         m["base"]["version"] == "v1" and m["base"]["model_sha256"] == base_art.manifest["files"]["model.pt"]
     )
     learned = m["priors"]["learned"]
-    assert learned["kind"] == "mixture" and learned["fit"]["iterations"] == 3
+    assert learned["kind"] == "mixture" and learned["fit"]["iterations"] == 3 and learned["conditional"]
+    assert learned["fit"]["classes"] == 10
     assert learned["codes"] == "draws"  # the default: one posterior draw per training image
     likelihood = m["metrics"]["prior_likelihood"]
     assert likelihood["images"] == 10 and {"standard_iwae_nll", "learned_iwae_nll"} <= set(likelihood)
@@ -235,7 +251,12 @@ def test_a_stage_on_top_of_an_artifact_end_to_end(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(model.encode(x)[0], base.encode(x)[0])
         assert torch.equal(model.decode(z), base.decode(z))
-        assert model.prior(z).shape == (4, 3) and torch.equal(model.prior(z), model.prior(z))
+        t = torch.ones(4)
+        assert model.prior(z, t).shape == (4, 3) and torch.equal(model.prior(z, t), model.prior(z, t))
+        y = torch.tensor([0, 3, 9, -1])
+        given = model.prior_given(z, y, t)
+        assert given.shape == (4, 3) and torch.equal(given[3], model.prior(z, t)[3])
+        assert not torch.equal(given[:3], model.prior(z, t)[:3])
     json.dumps(m)  # the manifest stays plain JSON
 
 
@@ -267,7 +288,8 @@ def test_a_flow_stage_serves_the_flows_inverse(tmp_path: Path) -> None:
     model, art = artifact.load(store / "toy" / "v2")
     learned = art.manifest["priors"]["learned"]
     assert learned["kind"] == "flow" and learned["fit"]["epochs"] == 2 and learned["codes"] == "means"
-    assert model.prior(torch.randn(3, 4)).shape == (3, 4)
+    assert model.prior(torch.randn(3, 4), torch.ones(3)).shape == (3, 4)
+    assert not learned["conditional"]  # a flow has no per-class components
     refused = CliRunner().invoke(
         cli.app, [*args[:-2], "--prior-kind", "gmm", "--from-artifact", str(base_art.path)]
     )
@@ -286,3 +308,59 @@ def test_a_stage_refuses_data_the_base_was_not_trained_on(tmp_path: Path) -> Non
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 2
     assert "is not the data toy v1 was trained on" in result.output
+
+
+def class_mixture(classes: int = 3, k: int = 4, d: int = 5) -> ClassMixtureMap:
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(classes, k, generator=g) + 0.1
+    means = 4 * torch.randn(classes, k, d, generator=g)
+    a = torch.randn(classes, k, d, d, generator=g) * 0.3
+    covariances = a @ a.transpose(-1, -2) + 0.05 * torch.eye(d)
+    shares = torch.tensor([1.0, 2.0, 3.0])[:classes]
+    return ClassMixtureMap(shares, weights, means, covariances).eval()
+
+
+def test_a_class_draw_uses_only_that_class_components_at_every_temperature() -> None:
+    """The component is picked from u_1 alone: the temperature scales the draw around the
+    component's mean (z_t - mean = t (z_1 - mean)) and never moves it to another component,
+    and a class's draws use that class's components only, whatever u is (the tails included)."""
+    mixture = class_mixture()
+    u = torch.randn(4000, 5, generator=torch.Generator().manual_seed(1)) * 2
+    u[:8, 0] = torch.tensor([-1e3, -40.0, -9.0, -6.0, 6.0, 9.0, 40.0, 1e3])  # Phi rounds to 0 or 1
+    means = mixture.means
+    with torch.no_grad():
+        for y in (-1, 0, 1, 2):
+            labels = torch.full((len(u),), y)
+            one = mixture(u, labels, torch.ones(len(u)))
+            for t in (0.1, 0.5, 2.0):
+                tempered = mixture(u, labels, torch.full((len(u),), t))
+                centre = (tempered - t * one) / (1 - t)
+                nearest = torch.cdist(centre, means).argmin(1)
+                assert torch.allclose(centre, means[nearest], atol=1e-3)
+                if y >= 0:
+                    assert ((nearest >= 4 * y) & (nearest < 4 * (y + 1))).all()
+            assert torch.isfinite(one).all()
+
+
+def test_the_unconditional_mix_follows_the_class_shares() -> None:
+    """Phi(u_1) falls in class y's bins with probability share_y, at any temperature: the
+    draws' classes come in the training shares (1 : 2 : 3 here)."""
+    mixture = class_mixture()
+    u = torch.randn(60000, 5, generator=torch.Generator().manual_seed(2))
+    anyone = torch.full((len(u),), -1)
+    t = 0.3
+    with torch.no_grad():
+        one = mixture(u, anyone, torch.ones(len(u)))
+        tempered = mixture(u, anyone, torch.full((len(u),), t))
+    component = torch.cdist((tempered - t * one) / (1 - t), mixture.means).argmin(1)
+    share = torch.bincount(component // 4, minlength=3).double() / len(u)
+    assert torch.allclose(share, torch.tensor([1 / 6, 2 / 6, 3 / 6], dtype=torch.float64), atol=0.01)
+
+
+def test_the_class_mixture_density_is_the_share_weighted_sum_of_the_classes() -> None:
+    mixture = class_mixture()
+    z = torch.randn(50, 5, generator=torch.Generator().manual_seed(3)) * 3
+    with torch.no_grad():
+        joint = torch.stack([mixture.log_prob_given(z, y) for y in range(3)], 1)
+        shares = torch.tensor([1 / 6, 2 / 6, 3 / 6]).log()
+        assert torch.allclose(mixture.log_prob(z), torch.logsumexp(joint + shares, 1), atol=1e-4)

@@ -69,11 +69,13 @@ export const api = {
   reconstruct: (model, images) => call("POST", "/reconstruct", { model, images, format: "png" }),
   decode: (model, z) => call("POST", "/decode", { model, z, format: "png" }),
   /** prior: "standard", "learned", or null for the model's default. With returnLatents the
-   *  answer also has the noise u and the latents z. */
-  sample: (model, n, seed, temperature, prior = null, returnLatents = false) =>
+   *  answer also has the noise u and the latents z; label (a class index) draws one class
+   *  through the learned prior; verdicts adds the classifier's reading of each image. */
+  sample: (model, n, seed, temperature, prior = null, returnLatents = false, { label = null, verdicts = false } = {}) =>
     call("POST", "/sample", {
       model, n, temperature, format: "png", return_latents: returnLatents,
       ...withSeed(seed), ...(prior === null ? {} : { prior }),
+      ...(label === null ? {} : { label }), ...(verdicts ? { return_verdicts: true } : {}),
     }),
 };
 

@@ -43,6 +43,7 @@ function fillModelSelect(preferred) {
 }
 
 function updateModelInfo() {
+  fillLabelSelect();
   const m = state.models.find((item) => item.name === state.model);
   const test = m?.metrics?.test;
   $("#model-info").textContent = test?.neg_elbo
@@ -136,28 +137,91 @@ const sampleStatus = $("#sample-status");
 const modelInfo = (name) => state.models.find((m) => m.name === name);
 const hasLearnedPrior = (name) => Boolean(modelInfo(name)?.priors?.includes("learned"));
 
+const hasClassifier = (name) => Boolean(modelInfo(name)?.classifier);
+const CONFIDENT = 0.9; // the confidence below which a draw is marked doubtful
+const labelSelect = $("#sample-label");
+
+// "any", then the model's classes; only a model whose learned prior is class-conditional can be
+// asked for one, so the selector is disabled for the others.
+function fillLabelSelect() {
+  const m = modelInfo(state.model);
+  const keep = labelSelect.value;
+  const classes = m?.conditional ? m.classes : [];
+  labelSelect.replaceChildren(new Option("any", ""), ...classes.map((c) => new Option(c.name, String(c.index))));
+  labelSelect.value = classes.some((c) => String(c.index) === keep) ? keep : "";
+  labelSelect.disabled = !classes.length;
+  labelSelect.title = classes.length
+    ? "Draw only this class, through the learned prior's mixture for it"
+    : `${m?.name ?? "This model"} has no class-conditional prior`;
+}
+
 // Both priors from the same seed, so that the same noise u goes through each: the standard
-// draw first (it picks the seed when none is given), then the learned one with its seed.
-async function sampleBothPriors({ model, n, seed, temperature }) {
-  const standard = await api.sample(model, n, seed, temperature, "standard");
-  const learned = hasLearnedPrior(model) ? await api.sample(model, n, standard.seed, temperature, "learned") : null;
+// draw first (it picks the seed when none is given), then the learned one with its seed. A
+// chosen digit applies to the learned prior alone: the standard prior cannot be asked for one.
+async function sampleBothPriors({ model, n, seed, temperature, label }) {
+  const verdicts = hasClassifier(model);
+  const standard = await api.sample(model, n, seed, temperature, "standard", false, { verdicts });
+  const learned = hasLearnedPrior(model)
+    ? await api.sample(model, n, standard.seed, temperature, "learned", false, { label, verdicts })
+    : null;
   return { standard, learned };
+}
+
+function className(model, index) {
+  return modelInfo(model)?.classes?.[index]?.name ?? String(index);
+}
+
+// A draw: its image, and under it the classifier's verdict ("7 99%"), marked when doubtful.
+function drawnDigit(answer, i, prior) {
+  const alt = `Sample ${i + 1} of ${answer.images.length}, ${prior} prior`;
+  const verdict = answer.verdicts?.[i];
+  if (!verdict) return digitImage(answer.images[i], alt);
+  const name = className(answer.model, verdict.label);
+  const percent = `${Math.floor(verdict.confidence * 100)}%`;
+  const figure = document.createElement("figure");
+  figure.className = "draw";
+  const doubtful = verdict.confidence < CONFIDENT;
+  figure.classList.toggle("doubtful", doubtful);
+  figure.dataset.label = String(verdict.label);
+  figure.dataset.confidence = String(verdict.confidence);
+  const caption = document.createElement("figcaption");
+  caption.textContent = `${name} ${percent}`;
+  figure.append(digitImage(answer.images[i], `${alt}: read as ${name}, ${percent} sure${doubtful ? " (doubtful)" : ""}`), caption);
+  return figure;
+}
+
+function confidentCount(answer) {
+  return answer.verdicts.filter((v) => v.confidence >= CONFIDENT).length;
+}
+
+function verdictSummary(standard, learned) {
+  if (!standard.verdicts) return "";
+  const of = (answer, what) => `${confidentCount(answer)} of ${answer.images.length} ${what}`;
+  const parts = [of(standard, "standard-prior draws")];
+  if (learned) {
+    const asked = learned.label === undefined || learned.label === null ? "" : ` (asked for ${className(learned.model, learned.label)})`;
+    parts.push(of(learned, `learned-prior draws${asked}`));
+  }
+  return `The classifier reads ${parts.join(" and ")} with at least ${CONFIDENT * 100}% confidence; the others are outlined in red.`;
 }
 
 const sampler = new LatestOnly(sampleBothPriors, {
   onResult: ({ standard, learned }) => {
-    const grid = (answer, prior) =>
-      answer.images.map((b64, i) => digitImage(b64, `Sample ${i + 1} of ${answer.images.length}, ${prior} prior`));
+    const grid = (answer, prior) => answer.images.map((_, i) => drawnDigit(answer, i, prior));
     $("#sample-grid-standard").replaceChildren(...grid(standard, "standard"));
     $("#sample-grid-learned").replaceChildren(...(learned ? grid(learned, "learned") : []));
     $("#sample-learned").hidden = !learned;
     $("#sample-seed-used").textContent =
       `Seed ${standard.seed}, temperature ${standard.temperature}, ${standard.model} ${standard.version}. ` +
       "Enter the seed to draw these again.";
+    $("#sample-verdicts").textContent = verdictSummary(standard, learned);
     $("#sample-why").textContent = learned
       ? "Each position holds the same noise u in both grids: where u falls between the regions in which " +
         "real digits' codes lie, the standard prior decodes a shape between digits, while the learned " +
-        "prior has moved it into one of those regions."
+        "prior has moved it into one of those regions" +
+        (learned.label === undefined || learned.label === null
+          ? "."
+          : ` (here, into the region of the ${className(learned.model, learned.label)}s).`)
       : `${standard.model} has the standard prior only: its artifact carries no learned map from noise to latents.`;
     showStatus(sampleStatus, "");
   },
@@ -174,8 +238,11 @@ function drawSamples() {
     n: Number($("#sample-n").value),
     seed: seedText === "" ? null : Number(seedText),
     temperature: Number($("#sample-temperature").value),
+    label: labelSelect.value === "" || labelSelect.disabled ? null : Number(labelSelect.value),
   });
 }
+
+labelSelect.addEventListener("change", drawSamples);
 
 sampleForm.addEventListener("submit", (event) => {
   event.preventDefault(); // the browser has checked the fields' ranges before this fires

@@ -33,3 +33,15 @@ export function sample(base: string, n: number, seed: number): Promise<SampleRes
   const body: SampleRequest = { n, seed, prior: "standard", format: "png", return_latents: true };
   return post(base, "/sample", body);
 }
+
+/** n draws of one digit through the learned prior, each with the classifier's verdict; only
+ *  draws it reads as that digit at least `minConfidence` surely (the others are redrawn). */
+export function sampleDigit(base: string, label: number | string, n: number, minConfidence?: number): Promise<SampleResponse> {
+  const body: SampleRequest = { n, label, return_verdicts: true, min_confidence: minConfidence };
+  return post(base, "/sample", body);
+}
+
+/** How surely the classifier read each draw: the fields a front end shows under a digit. */
+export function confidences(answer: SampleResponse): number[] {
+  return (answer.verdicts ?? []).map((verdict) => verdict.confidence);
+}

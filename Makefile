@@ -95,10 +95,11 @@ slow-clients: install
 # `model` and `model-2d` train the VAE and then its learned prior, in one version;
 # `model-prior` and `model-2d-prior` add the class-conditional learned prior (and the shipped
 # classifier) to the shipped v1, as v3 was made: `make model-prior model-2d-prior`, minutes.
+# PRIOR_ARGS are vae-train's defaults, spelt out.
 # (v2, format 2, was made by the same targets before format 3, with --prior-codes draws
 # --prior-components 50 --prior-iterations 60 and one mixture for all digits.)
-PRIOR_ARGS := --prior-kind mixture --prior-codes confident-draws --prior-codes-confidence 0.999 \
-	--prior-components 10 --prior-iterations 40
+PRIOR_ARGS := --prior-kind mixture --prior-codes confident-draws --prior-codes-confidence 0.99 \
+	--prior-draws 4 --prior-components 20 --prior-iterations 40
 model: install-dev
 	$(BIN)/vae-train --name mnist --dataset mnist --data-dir $(MNIST_DIR) --epochs 130 \
 		--latent-dim 32 --channels 32 --hidden 512 --blocks 0 --batch-size 128 --lr 1e-3 \

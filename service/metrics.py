@@ -107,6 +107,20 @@ class Metrics:
             ["model", "op"],
             registry=r,
         )
+        # min_confidence: draws the classifier did not accept, drawn again; and requests refused
+        # because some draw was still not accepted after VAE_MAX_DRAW_ATTEMPTS attempts.
+        self.redraws = Counter(
+            "vae_sample_redraws_total",
+            "Draws replaced by fresh ones because the classifier read them below min_confidence.",
+            ["model"],
+            registry=r,
+        )
+        self.unreached = Counter(
+            "vae_sample_min_confidence_unreached_total",
+            "Requests answered 422 min-confidence-not-reached (VAE_MAX_DRAW_ATTEMPTS used up).",
+            ["model"],
+            registry=r,
+        )
         # Faults (service.model.faults): requests answered 500 model-failed because the model raised
         # (reason="error") or returned NaN or infinity (reason="non_finite").
         self.model_failures = Counter(

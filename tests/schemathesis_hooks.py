@@ -108,8 +108,8 @@ def _feasible(options: dict[str, Any], model: dict[str, Any] | None, drawn: bool
     names = [c["name"] for c in model.get("classes") or []]
     if label is not None and (not (model.get("conditional") and names) or out.get("prior") == "standard"):
         del out["label"]
-    elif isinstance(label, int) and not isinstance(label, bool):
-        out["label"] = label % len(names)
+    elif _is_number(label) and float(label).is_integer():  # 7 or 7.0: an index, as JSON Schema reads it
+        out["label"] = int(label) % len(names)
     elif isinstance(label, str) and label not in names:
         out["label"] = int(label) % len(names) if label.isascii() and label.isdigit() else names[0]
     confidence = out.get("min_confidence")
@@ -139,10 +139,12 @@ def map_case(context: Any, case: Any) -> Any:
         chosen = (body or {}).get("model") or query.get("model") or default
         model = listed.get(chosen) if isinstance(chosen, str) else None
         drawn = path.startswith("/sample")
-        if body is not None and path != "/sample.png":
-            case.body = _feasible(body, model, drawn)
-        if query:
-            case.query = _feasible(query, model, drawn)
+        # Assigned only when something changed: a case whose body or query is set anew counts as
+        # replaced, and a negative case's mutation would then be taken for part of the request.
+        if body is not None and path != "/sample.png" and (mapped := _feasible(body, model, drawn)) != body:
+            case.body = mapped
+        if query and (mapped := _feasible(query, model, drawn)) != query:
+            case.query = mapped
         return case
     body = case.body
     if path != "/decode" or not isinstance(body, dict):

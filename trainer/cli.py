@@ -100,23 +100,24 @@ def main(
     prior_codes: Annotated[
         str,
         typer.Option(
-            help="fit to draws (one z ~ q(z|x) per image), means (mu(x)) of the training set, or "
-            "confident-draws (draws that the digit classifier reads as their own label, MNIST)"
+            help="fit to draws (z ~ q(z|x) of each training image), means (mu(x)), or "
+            "confident-draws (the draws the digit classifier reads as their own label; MNIST, "
+            "elsewhere every draw)"
         ),
-    ] = "draws",
+    ] = "confident-draws",
     prior_codes_confidence: Annotated[
         float, typer.Option(help="confident-draws: keep draws the classifier reads this surely (0-1)")
-    ] = 0.999,
+    ] = 0.99,
     prior_draws: Annotated[
         int, typer.Option(help="draws and confident-draws: posterior draws per training image", min=1)
-    ] = 1,
+    ] = 4,
     prior_conditional: Annotated[
         bool, typer.Option(help="mixture: one mixture per class, p(z | y) (labelled datasets)")
     ] = True,
     prior_components: Annotated[
         int, typer.Option(help="mixture: Gaussian components (per class when conditional)")
-    ] = 10,
-    prior_iterations: Annotated[int, typer.Option(help="mixture: EM iterations")] = 60,
+    ] = 20,
+    prior_iterations: Annotated[int, typer.Option(help="mixture: EM iterations")] = 40,
     prior_epochs: Annotated[int, typer.Option(help="flow: epochs")] = 30,
     prior_couplings: Annotated[int, typer.Option(help="flow: coupling layers")] = 8,
     prior_hidden: Annotated[int, typer.Option(help="flow: width of each coupling's network")] = 256,

@@ -13,13 +13,14 @@ The classifier itself ships in the artifact (classifier.pt), for the service's v
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from trainer import data
 from trainer.classifier import WEIGHTS, load_classifier, predict, weights_sha256
@@ -27,8 +28,8 @@ from trainer.evaluate import binarise, iwae_log_likelihood
 from trainer.export import TemperedFlow, classifier_to_torchscript, with_prior
 from trainer.model import log_normal
 from trainer.prior import NoiseToLatent
-from trainer.quality import class_quality, decode_all, noise, prior_quality
-from trainer.report import latent_projection, prior_comparison, prior_draws_map
+from trainer.quality import class_quality, noise, prior_quality
+from trainer.report import class_draws, latent_projection, prior_comparison, prior_draws_map
 from trainer.train_prior import (
     MixtureConfig,
     PriorTrainConfig,
@@ -74,9 +75,9 @@ class StageConfig:
     kind: str = "mixture"  # "mixture" or "flow"
     # What the density is fitted to: "draws", one z ~ q(z|x) per training image (the aggregate
     # posterior itself), or "means", mu(x) (sharper, but a worse likelihood: docs/training.md).
-    codes: str = "draws"
-    codes_confidence: float = 0.999  # confident-draws: the classifier's least confidence kept
-    draws_per_image: int = 1  # draws and confident-draws: posterior draws of each training image
+    codes: str = "confident-draws"
+    codes_confidence: float = 0.99  # confident-draws: the classifier's least confidence kept
+    draws_per_image: int = 4  # draws and confident-draws: posterior draws of each training image
     seed: int = 0  # for the draws
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     flow: PriorTrainConfig = field(default_factory=PriorTrainConfig)
@@ -127,7 +128,9 @@ def add_learned_prior(
         raise ValueError(f"unknown codes {cfg.codes!r}; known: {', '.join(CODES)}")
     judge = load_classifier() if dataset == "mnist" and WEIGHTS.is_file() else None
     if cfg.codes == "confident-draws" and judge is None:
-        raise ValueError("codes 'confident-draws' need the MNIST digit classifier (labelled MNIST only)")
+        # The filter needs a classifier of this dataset's classes; without one, every draw counts.
+        log(f"no classifier for dataset {dataset!r}: fitting every draw (codes 'draws')")
+        cfg = replace(cfg, codes="draws")
     names = class_names or [str(k) for k in range(int(train_labels.max()) + 1)]
     conditional = cfg.conditional and cfg.kind == "mixture"
 
@@ -146,13 +149,12 @@ def add_learned_prior(
         fitted_labels = train_labels.repeat(cfg.draws_per_image)
         if cfg.codes == "confident-draws":
             assert judge is not None
-            read, confidence = predict(judge, decode_all(base.decode, train_codes))
-            keep = (read == fitted_labels) & (confidence >= cfg.codes_confidence)
+            keep = _read_as_own(base, judge, train_codes, fitted_labels, cfg.codes_confidence, progress)
             log(
                 f"kept {int(keep.sum())} of {len(keep)} draws read as their own digit "
                 f"(p >= {cfg.codes_confidence})"
             )
-            train_codes, fitted_labels = train_codes[keep], train_labels[keep]
+            train_codes, fitted_labels = train_codes[keep], fitted_labels[keep]
     # One folder per kind of fit, so that a checkpoint is never resumed as another kind's.
     codes_name = cfg.codes + (f"-{cfg.codes_confidence:g}" if cfg.codes == "confident-draws" else "")
     codes_name += f"-x{cfg.draws_per_image}" if cfg.draws_per_image > 1 and cfg.codes != "means" else ""
@@ -194,7 +196,7 @@ def add_learned_prior(
     if cfg.nll_images:
         nll = _likelihoods(base, density, test_u8[: cfg.nll_images], cfg.nll_k, log)
 
-    figures = _figures(scripted, test_means, test.labels[: len(test_means)])
+    figures = _figures(scripted, test_means, test.labels[: len(test_means)], len(names) if conditional else 0)
     shares = torch.bincount(train_labels, minlength=len(names)).double() / len(train_labels)
     test_labels = torch.from_numpy(np.array(test.labels[: len(test_means)]).astype(np.int64))
     classes = [
@@ -271,6 +273,26 @@ def add_learned_prior(
     return stage
 
 
+@torch.no_grad()
+def _read_as_own(
+    base: torch.jit.ScriptModule,
+    judge: torch.nn.Module,
+    codes: Tensor,
+    labels: Tensor,
+    threshold: float,
+    progress: bool,
+    batch_size: int = 2000,
+) -> Tensor:
+    """Which codes decode to an image the classifier reads as its own label with confidence
+    >= threshold: [N] bool. In batches, with a progress bar (a few minutes for 240,000)."""
+    keep = torch.empty(len(codes), dtype=torch.bool)
+    starts = range(0, len(codes), batch_size)
+    for s in tqdm(starts, desc="judging the draws", disable=not progress, leave=False):
+        read, confidence = predict(judge, base.decode(codes[s : s + batch_size]))
+        keep[s : s + batch_size] = (read == labels[s : s + batch_size]) & (confidence >= threshold)
+    return keep
+
+
 def _fit(
     cfg: StageConfig,
     train_codes: Tensor,
@@ -339,7 +361,9 @@ def _likelihoods(
 
 
 @torch.no_grad()
-def _figures(scripted: torch.jit.ScriptModule, test_codes: Tensor, labels: np.ndarray) -> dict[str, bytes]:
+def _figures(
+    scripted: torch.jit.ScriptModule, test_codes: Tensor, labels: np.ndarray, classes: int = 0
+) -> dict[str, bytes]:
     latent_dim = test_codes.shape[1]
     u = noise(100, latent_dim, seed=0)
     files = {
@@ -354,4 +378,11 @@ def _figures(scripted: torch.jit.ScriptModule, test_codes: Tensor, labels: np.nd
     files["prior_draws.png"] = prior_draws_map(
         coords, labels, project(draws.numpy()), project(learned.numpy()), axes is not None
     )
+    if classes:
+        per_class = 12
+        u = noise(per_class, latent_dim, seed=0).repeat(classes, 1)
+        y = torch.arange(classes).repeat_interleave(per_class)
+        files["class_draws.png"] = class_draws(
+            scripted.decode(scripted.prior_given(u, y, torch.ones(len(u)))), per_class
+        )
     return files

@@ -30,6 +30,7 @@ FIGURES = {
     "interpolation.png": "Interpolations in latent space between test digits",
     "prior_comparison.png": "The same noise decoded through the standard and the learned prior",
     "prior_draws.png": "Draws of both priors over the posterior means of test digits",
+    "class_draws.png": "Draws of each class through the class-conditional prior, one row per class",
 }
 
 
@@ -212,6 +213,14 @@ def prior_comparison(standard: Tensor, learned: Tensor) -> bytes:
         fontsize=9,
     )
     return _png(fig)
+
+
+def class_draws(images: Tensor, per_class: int) -> bytes:
+    """Draws of each class, [classes * per_class, 1, 28, 28], one row per class."""
+    return _grid_figure(
+        image_grid(images, cols=per_class),
+        "prior_given(u, y, 1): one row per class y, the same u in every row",
+    )
 
 
 def prior_draws_map(

@@ -37,7 +37,11 @@ Integer = Annotated[int, BeforeValidator(_whole)]
 Invert = Literal["auto"] | StrictBool
 ImageFormat = Literal["png", "array"]
 PriorName = Literal["learned", "standard"]
-Label = Annotated[int, Field(ge=0, le=1023)] | Annotated[str, Field(min_length=1, max_length=64)]
+# A class index (120.0 is one too, as in JSON Schema) or a class name.
+Label = (
+    Annotated[int, Field(ge=0, le=1023), BeforeValidator(_whole)]
+    | Annotated[str, Field(min_length=1, max_length=64)]
+)
 Images = list[str] | list[list[list[float]]]
 
 MODEL_FIELD = Field(

@@ -220,6 +220,7 @@ class Inference:
             return drawn
         while not (accepted := draw.accepted(drawn.probabilities)).all():
             if drawn.attempts >= self.max_attempts:
+                self.metrics.unreached.labels(model.name).inc()
                 raise ConfidenceNotReached(
                     _not_reached(model, draw, int((~accepted).sum()), self.max_attempts)
                 )
@@ -230,6 +231,7 @@ class Inference:
             drawn.probabilities[again] = await self.classify(model, images)
             drawn.redraws += len(again)
             drawn.attempts += 1
+            self.metrics.redraws.labels(model.name).inc(len(again))
         return drawn
 
     async def _draw(

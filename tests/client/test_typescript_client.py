@@ -112,6 +112,8 @@ def test_calls_the_document_does_not_allow_fail_the_type_check(project: Path, se
     assert "wrong.ts(5," in errors and "'seeds' does not exist" in errors, errors
     assert "wrong.ts(6," in errors and '"gaussian"' in errors, errors
     # The class-conditional fields are typed too: a label is an index or a name, the rest as declared.
-    assert "wrong.ts(7," in errors and "'boolean' is not assignable" in errors, errors
-    assert "wrong.ts(8," in errors and "'string' is not assignable to type 'number'" in errors, errors
-    assert "wrong.ts(9," in errors and "'number' is not assignable to type 'boolean'" in errors, errors
+    assert "wrong.ts(7," in errors and "Type 'true' is not assignable to type 'string | number" in errors, (
+        errors
+    )
+    assert "wrong.ts(8," in errors and "Type 'string' is not assignable to type 'number'" in errors, errors
+    assert "wrong.ts(9," in errors and "Type 'number' is not assignable to type 'boolean" in errors, errors

@@ -13,11 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from service import artifact
-from tests.conftest import make_artifact
+from tests.conftest import MNIST_DIR, SHIPPED_STORE, make_artifact, needs_mnist
 from tests.datasets import write_dataset
 from trainer import cli
 from trainer import train_prior as train_prior_module
 from trainer.export import with_prior
+from trainer.learned_prior import StageConfig, add_learned_prior
 from trainer.prior import (
     ClassMixtureMap,
     Flow,
@@ -241,7 +242,8 @@ def test_a_stage_on_top_of_an_artifact_end_to_end(tmp_path: Path) -> None:
     learned = m["priors"]["learned"]
     assert learned["kind"] == "mixture" and learned["fit"]["iterations"] == 3 and learned["conditional"]
     assert learned["fit"]["classes"] == 10
-    assert learned["codes"] == "draws"  # the default: one posterior draw per training image
+    # The default, confident-draws, needs a classifier of the dataset: synthetic data fits every draw.
+    assert learned["codes"] == "draws" and learned["draws_per_image"] == 4
     likelihood = m["metrics"]["prior_likelihood"]
     assert likelihood["images"] == 10 and {"standard_iwae_nll", "learned_iwae_nll"} <= set(likelihood)
     for name in ("prior_comparison.png", "prior_draws.png", "model_card.md"):
@@ -364,3 +366,40 @@ def test_the_class_mixture_density_is_the_share_weighted_sum_of_the_classes() ->
         joint = torch.stack([mixture.log_prob_given(z, y) for y in range(3)], 1)
         shares = torch.tensor([1 / 6, 2 / 6, 3 / 6]).log()
         assert torch.allclose(mixture.log_prob(z), torch.logsumexp(joint + shares, 1), atol=1e-4)
+
+
+@needs_mnist
+def test_a_conditional_stage_on_real_digits_ships_the_classifier(tmp_path: Path) -> None:
+    """The shipped recipe in miniature on real MNIST and the shipped v1 (seconds): several
+    draws per image, only those the classifier reads as their own digit, one mixture per
+    digit; the stage lists the classes with their shares and mean codes, measures every
+    digit's draws, and ships the classifier (its test accuracy recorded)."""
+    base, _ = artifact.load(artifact.resolve(SHIPPED_STORE, "mnist", "v1"))
+    cfg = StageConfig(
+        codes="confident-draws",
+        codes_confidence=0.99,
+        draws_per_image=2,
+        mixture=MixtureConfig(components=2, iterations=2),
+        nll_images=0,
+        samples=200,
+        class_samples=20,
+    )
+    stage = add_learned_prior(
+        base, "mnist", MNIST_DIR, cfg, tmp_path, progress=False, limit_train=800, limit_test=300,
+        class_names=[str(d) for d in range(10)],
+    )  # fmt: skip
+    learned = stage.priors["learned"]
+    assert learned["conditional"] and learned["codes"] == "confident-draws"
+    assert learned["draws_per_image"] == 2 and 800 < learned["codes_fitted"] < 1600
+    assert [c["class"] for c in learned["class_quality"]] == list(range(10))
+    assert stage.classes is not None and [c["name"] for c in stage.classes] == [str(d) for d in range(10)]
+    assert abs(sum(c["train_share"] for c in stage.classes) - 1) < 1e-3
+    assert all(len(c["mean_code"]) == 32 for c in stage.classes)
+    assert stage.classifier is not None and stage.classifier_entry is not None
+    assert stage.classifier_entry["test_accuracy"] > 0.95 and stage.classifier_entry["test_images"] == 300
+    with torch.no_grad():
+        x = torch.rand(3, 1, 28, 28)
+        assert torch.allclose(stage.classifier(x).sum(1), torch.ones(3), atol=1e-5)
+        u = torch.randn(4, 32)
+        z = stage.model.prior_given(u, torch.tensor([0, 1, 2, -1]), torch.ones(4))
+        assert torch.equal(z[3], stage.model.prior(u, torch.ones(4))[3])

@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def run_ours(last: bool) -> None:
             nonlocal sizes
-            env = clean_env(**ours_env, **overrides)
+            env = clean_env(**{**ours_env, **overrides})  # --set wins
             sizes, ours = serve_ours("ours", ours_argv(), env, work, workloads, run, last)
             extra.update(ours)
 

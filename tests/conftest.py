@@ -9,6 +9,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,6 +30,28 @@ HAS_MNIST = (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file() or (
 SHIPPED_STORE = ROOT / "model_store"
 
 needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason=f"real MNIST not found in {MNIST_DIR}")
+
+
+def random_mixture(latent_dim: int, seed: int) -> MixtureMap:
+    """A random three-component mixture, well away from N(0, I): a learned prior for tests."""
+    g = torch.Generator().manual_seed(seed)
+    return MixtureMap(
+        weights=torch.tensor([0.5, 0.3, 0.2]),
+        means=2 * torch.randn(3, latent_dim, generator=g),
+        covariances=0.04 * torch.eye(latent_dim).expand(3, latent_dim, latent_dim),
+    ).eval()
+
+
+def synthetic_manifest(latent_dim: int) -> dict[str, Any]:
+    """The manifest fields of a test artifact that no test varies."""
+    return {
+        "created_at": "2026-01-01T00:00:00Z",
+        "image_shape": [1, 28, 28],
+        "latent_dim": latent_dim,
+        "likelihood": "bernoulli",
+        "dataset": {"name": "synthetic", "sha256": None},
+        "metrics": {},
+    }
 
 
 def make_artifact(
@@ -80,27 +103,13 @@ def make_artifact(
             **manifest_extra,
         }
     elif learned_prior:
-        g = torch.Generator().manual_seed(seed)
-        mixture = MixtureMap(
-            weights=torch.tensor([0.5, 0.3, 0.2]),
-            means=2 * torch.randn(3, latent_dim, generator=g),
-            covariances=0.04 * torch.eye(latent_dim).expand(3, latent_dim, latent_dim),
-        )
-        model = with_prior(model, mixture)
+        model = with_prior(model, random_mixture(latent_dim, seed))
         manifest_extra = {
             "priors": {"standard": {"description": "N(0, I)"}, "learned": {"description": "random"}},
             "default_prior": "learned",
             **manifest_extra,
         }
-    manifest = {
-        "created_at": "2026-01-01T00:00:00Z",
-        "image_shape": [1, 28, 28],
-        "latent_dim": latent_dim,
-        "likelihood": "bernoulli",
-        "dataset": {"name": "synthetic", "sha256": None},
-        "metrics": {},
-        **manifest_extra,
-    }
+    manifest = {**synthetic_manifest(latent_dim), **manifest_extra}
     return artifact.write_artifact(
         store, name, model, manifest, report_files=report_files, version=version, classifier=classifier
     )
@@ -147,20 +156,9 @@ def make_format_2_artifact(store: Path, name: str, latent_dim: int, seed: int = 
     manifest with format_version 2 (not among the hashed files, so it can be rewritten)."""
     torch.manual_seed(seed)
     base = to_torchscript(VAE(VAEConfig(latent_dim=latent_dim, channels=8, hidden=32, blocks=0)))
-    g = torch.Generator().manual_seed(seed)
-    mixture = MixtureMap(
-        weights=torch.tensor([0.5, 0.3, 0.2]),
-        means=2 * torch.randn(3, latent_dim, generator=g),
-        covariances=0.04 * torch.eye(latent_dim).expand(3, latent_dim, latent_dim),
-    ).eval()
-    model = torch.jit.script(_Format2Model(base, mixture).eval())
+    model = torch.jit.script(_Format2Model(base, random_mixture(latent_dim, seed)).eval())
     manifest = {
-        "created_at": "2026-01-01T00:00:00Z",
-        "image_shape": [1, 28, 28],
-        "latent_dim": latent_dim,
-        "likelihood": "bernoulli",
-        "dataset": {"name": "synthetic", "sha256": None},
-        "metrics": {},
+        **synthetic_manifest(latent_dim),
         "priors": {"standard": {"description": "N(0, I)"}, "learned": {"description": "random"}},
         "default_prior": "learned",
     }

@@ -246,7 +246,10 @@ async def sample_png(
     runtime = registry.get(model)
     draw = _draw(runtime, state, n, seed, temperature, prior, label, return_verdicts, min_confidence)
     drawn = await inference.sample(runtime, draw)
-    return await responses.png_response(drawn.images, responses.sample_headers(draw, drawn))
+    headers = responses.sample_headers(draw, drawn)
+    if drawn.probabilities is not None:
+        headers |= responses.verdicts_header(drawn.probabilities)
+    return await responses.png_response(drawn.images, headers)
 
 
 def _draw(

@@ -137,6 +137,16 @@ def test_verdicts_are_the_shipped_classifiers(served: InProcess, model, classifi
     # atol: the service pads a pass to a calibrated row count, where kernels round a little differently
     np.testing.assert_allclose([v["confidence"] for v in got["verdicts"]], expected.max(1), atol=1e-5)
     assert "redraws" not in got
+    json_answer = served.post("/sample", json={"n": 7, "seed": 3, "label": 0, "return_verdicts": True})
+    assert "X-Verdicts" not in json_answer.headers  # the body has them; headers stay small
+    binary = served.post(
+        "/sample",
+        json={"n": 7, "seed": 3, "label": 0, "return_verdicts": True},
+        headers={"Accept": "application/x-npy"},
+    )
+    assert [int(item.split(":")[0]) for item in binary.headers["X-Verdicts"].split(",")] == [
+        v["label"] for v in got["verdicts"]
+    ]
     pixels = np.random.default_rng(0).random((2, 28, 28)).astype(np.float32)
     encoded = served.post("/encode", json={"pixels": pixels.tolist(), "return_verdicts": True}).json()
     assert [v["label"] for v in encoded["verdicts"]] == probabilities(classifier, pixels).argmax(1).tolist()

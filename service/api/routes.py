@@ -201,10 +201,7 @@ async def sample(request: Request, body: SampleRequest) -> Response:
     registry, inference, state = serving_now(request)
     model, format = query_options(request)
     runtime = registry.get(body.model or model)
-    draw = _draw(
-        runtime, state, body.n, body.seed, body.temperature, body.prior, body.label, body.return_verdicts,
-        body.min_confidence,
-    )  # fmt: skip
+    draw = _draw(runtime, state, body)
     fmt = chosen_format(body, format)
     drawn = await inference.sample(runtime, draw, responses.image_encoder(request, fmt, body.n))
     return await responses.samples(request, runtime, draw, drawn, fmt, body.return_latents)
@@ -244,7 +241,17 @@ async def sample_png(
 ) -> Response:
     registry, inference = serving
     runtime = registry.get(model)
-    draw = _draw(runtime, state, n, seed, temperature, prior, label, return_verdicts, min_confidence)
+    # The query's values, checked by FastAPI already, as the body POST /sample would carry them.
+    asked = SampleRequest.model_construct(
+        n=n,
+        seed=seed,
+        temperature=temperature,
+        prior=prior,
+        label=label,
+        return_verdicts=return_verdicts,
+        min_confidence=min_confidence,
+    )
+    draw = _draw(runtime, state, asked)
     drawn = await inference.sample(runtime, draw)
     headers = responses.sample_headers(draw, drawn)
     if drawn.probabilities is not None:
@@ -252,32 +259,22 @@ async def sample_png(
     return await responses.png_response(drawn.images, headers)
 
 
-def _draw(
-    runtime: ModelRuntime,
-    state: ServiceState,
-    n: int,
-    seed: int | None,
-    temperature: float,
-    prior: str | None,
-    label: int | str | None,
-    verdicts: bool,
-    min_confidence: float | None,
-) -> Draw:
+def _draw(runtime: ModelRuntime, state: ServiceState, asked: SampleRequest) -> Draw:
     """A /sample request's draw, checked against the model: 422 for what it cannot do."""
     limit = state.settings.max_samples
-    if n > limit:
-        raise TooManyItems(f"n is {n}; at most {limit} samples are drawn per request (VAE_MAX_SAMPLES)")
-    chosen = _chosen_prior(runtime, prior)
-    index = None if label is None else _class_index(runtime, label, chosen)
-    _check_classifier(runtime, verdicts or min_confidence is not None)
+    if asked.n > limit:
+        raise TooManyItems(f"n is {asked.n}; at most {limit} samples are drawn per request (VAE_MAX_SAMPLES)")
+    prior = _chosen_prior(runtime, asked.prior)
+    label = None if asked.label is None else _class_index(runtime, asked.label, prior)
+    _check_classifier(runtime, asked.return_verdicts or asked.min_confidence is not None)
     return Draw(
-        n=n,
-        seed=random_seed() if seed is None else seed,
-        temperature=temperature,
-        prior=chosen,
-        label=index,
-        verdicts=verdicts,
-        min_confidence=min_confidence,
+        n=asked.n,
+        seed=random_seed() if asked.seed is None else asked.seed,
+        temperature=asked.temperature,
+        prior=prior,
+        label=label,
+        verdicts=asked.return_verdicts,
+        min_confidence=asked.min_confidence,
     )
 
 

@@ -63,10 +63,10 @@ LEARNED_DESCRIPTIONS = {
     ),
 }
 KINDS = ("mixture", "flow")
-# What the density is fitted to, per training image: one posterior draw z ~ q(z|x); the
-# mean mu(x); or one draw, kept only when the classifier reads its decoding as the image's
-# own label with confidence >= codes_confidence (labelled MNIST only): docs/training.md
-# compares them.
+# What the density is fitted to, per training image: posterior draws z ~ q(z|x)
+# (draws_per_image of them); the mean mu(x); or those draws, kept only where the classifier
+# reads their decoding as the image's own label with confidence >= codes_confidence
+# (labelled MNIST only): docs/training.md compares them.
 CODES = ("draws", "means", "confident-draws")
 
 

@@ -97,8 +97,7 @@ def class_quality(
     out = []
     for y in range(classes):
         z = prior_given(u, torch.full((samples,), y, dtype=torch.long), t)
-        probs = torch.softmax(judge(decode_all(decode, z)), dim=1)
-        confidence, read = probs.max(1)
+        read, confidence = predict(judge, decode_all(decode, z))
         out.append(
             {
                 "class": y,

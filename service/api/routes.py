@@ -284,15 +284,15 @@ def _class_index(runtime: ModelRuntime, label: int | str, prior: str) -> int:
     if not runtime.classes:
         raise UnknownLabel(f"{where} has no classes, so it cannot draw a given label; leave `label` out")
     listed = ", ".join(f"{i} ({name!r})" for i, name in enumerate(runtime.classes))
+    # An index, or one written as a string (a query parameter always is one).
+    numeric = isinstance(label, int) or (label.isascii() and label.isdigit())
+    index: int | None = None
     if isinstance(label, str) and label in runtime.classes:
-        index: int | None = runtime.classes.index(label)
-    elif isinstance(label, str) and not (label.isascii() and label.isdigit()):
-        index = None
-    else:  # an index, or one written as a string (a query parameter always is)
-        number = int(label)
-        index = number if 0 <= number < len(runtime.classes) else None
+        index = runtime.classes.index(label)
+    elif numeric and 0 <= int(label) < len(runtime.classes):
+        index = int(label)
     if index is None:
-        shown = label if isinstance(label, int) or (label.isascii() and label.isdigit()) else repr(label)
+        shown = label if numeric else repr(label)
         raise UnknownLabel(
             f"{where} has no class {shown}; its classes, by index and name: {listed}",
             classes=list(runtime.classes),

@@ -126,7 +126,7 @@ def _decode_request_schema(schema: dict[str, Any]) -> None:
     One rule the document cannot state: every row of z has the latent_dim of the model the
     request selects, and that model may be named by the `model` query parameter, which a body
     schema cannot see (and the loaded models change on reload, while clients cache the
-    document). The description says it; tests/service/test_openapi.py tests the 422 it gets."""
+    document). The description says it; tests/service/test_service_errors.py tests the 422 it gets."""
     schema["examples"] = [
         {"z": [[0.0] * 32]},
         {"z": [[0.5, -1.0], [1.5, 0.2]], "model": "mnist-2d", "format": "array"},

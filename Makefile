@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FUZZ_EXAMPLES ?= 200
 
-.PHONY: serve test image-test install install-dev lint model model-2d model-prior model-2d-prior bench classes slow-clients screenshot clean fuzz reliability
+.PHONY: serve test image-test install install-dev install-bench bench-decoder lint model model-2d model-prior model-2d-prior model-reexport bench classes slow-clients screenshot clean fuzz reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ $(VENV)/.installed-dev: pyproject.toml client/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ./client -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-bench: pyproject.toml client/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ./client -e '.[bench]'
+	touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-bench: $(VENV)/.installed-bench
 
 serve: install
 	$(BIN)/vae-serve --host $(HOST) --port $(PORT)
@@ -69,14 +75,20 @@ reliability: install-dev
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m tests.reliability
 
-# The serving benchmark (docs/performance.md): the service against a plain FastAPI app and
-# its own ceiling, driven by wrk on loopback; CPU per request is its headline figure. Several
-# minutes; run it on a quiet machine. BENCH_ARGS=--quick for short runs;
-# BENCH_ARGS="--baseline 59b41a6 --rounds 4" against the code before issue 15, in turns.
-bench: install
+# The serving benchmark (docs/performance.md): the service against a plain FastAPI app, the
+# same artifact under LitServe and its own ceiling, driven by wrk on loopback; CPU per request
+# is its headline figure. Several minutes; run it on a quiet machine. BENCH_ARGS=--quick for
+# short runs; BENCH_ARGS="--baseline 01f09fa --before-set VAE_MODELS=mnist:v3 --rounds 2"
+# against the code before issue 26 serving the model it served, in turns.
+bench: install-bench
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } \
 		|| { echo "make bench needs the load generator wrk: sudo apt-get install -y wrk (Debian/Ubuntu) or brew install wrk (macOS)"; exit 1; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The decoder pass alone (bench/decoder.py): v2's and v3's against v4's serving form, TorchScript
+# and torch.export, fp32 and bf16, whole and layer by layer, one torch thread. About a minute.
+bench-decoder: install-dev
+	$(BIN)/python -m bench.decoder $(DECODER_ARGS)
 
 # Draws of each class through the service, judged by the shipped classifier and by a second one
 # (another seed, trained on first use into runs/): min_confidence's redraw rate per class and
@@ -117,6 +129,12 @@ model-prior: install-dev
 model-2d-prior: install-dev
 	$(BIN)/vae-train --name mnist-2d --from-artifact model_store/mnist-2d/v1 --data-dir $(MNIST_DIR) \
 		--seed 0 --threads 2 --workdir runs/mnist-2d-prior $(PRIOR_ARGS)
+
+# v4 of both shipped models: v3 re-exported from the same weights, the decoder in the serving
+# form (checked against v3 on MNIST's test digits) and the torch.export programs beside it.
+model-reexport: install-dev
+	$(BIN)/vae-export model_store/mnist/v3 --data-dir $(MNIST_DIR)
+	$(BIN)/vae-export model_store/mnist-2d/v3 --data-dir $(MNIST_DIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

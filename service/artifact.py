@@ -10,6 +10,8 @@ trainer and the service can use it without importing each other.
                         and the learned prior's map when it has one: prior(u) -> z (format 2),
                         prior(u, t) -> z and, with classes, prior_given(u, y, t) -> z (format 3)
         classifier.pt   (format 3, optional) TorchScript: images -> class probabilities
+        model.pt2       (format 3, optional) the same methods as torch.export programs
+        classifier.pt2  (format 3, optional) the classifier as a torch.export program
         manifest.json   what the model is, how it was trained and evaluated, and files' sha256
         report/         figures and the model card, for people (and the latent map, for the UI)
 """
@@ -40,6 +42,8 @@ STANDARD_PRIOR = "standard"  # z = temperature * u, u ~ N(0, I): every model has
 LEARNED_PRIOR = "learned"  # z = prior(temperature * u): the model's own map from noise to latents
 MODEL_FILE = "model.pt"
 CLASSIFIER_FILE = "classifier.pt"
+PROGRAMS_FILE = "model.pt2"  # torch.export programs, one per method of model.pt (manifest `exported`)
+CLASSIFIER_PROGRAMS_FILE = "classifier.pt2"
 MANIFEST_FILE = "manifest.json"
 REPORT_DIR = "report"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -105,6 +109,11 @@ class Artifact:
     def has_classifier(self) -> bool:
         return self.format_version >= 3 and isinstance(self.manifest.get("classifier"), dict)
 
+    @property
+    def has_programs(self) -> bool:
+        """Whether the artifact carries its methods as torch.export programs (model.pt2)."""
+        return self.format_version >= 3 and isinstance(self.manifest.get("exported"), dict)
+
 
 def priors(manifest: dict[str, Any]) -> tuple[str, ...]:
     """The priors a model offers, standard first. A format 1 artifact has the standard one only."""
@@ -156,14 +165,18 @@ def write_artifact(
     manifest: dict[str, Any],
     report_files: dict[str, bytes] | None = None,
     version: str | None = None,
-    classifier: torch.jit.ScriptModule | None = None,
+    classifier: torch.jit.ScriptModule | bytes | None = None,
+    programs: bytes | None = None,
+    classifier_programs: bytes | None = None,
 ) -> Artifact:
     """Writes a new version of `name` into the store and returns it.
 
     Everything goes into a hidden staging directory beside the final one, which is then
     renamed into place: readers see either no version or the complete one, never a part.
     A `classifier` (TorchScript, images -> class probabilities) is written as classifier.pt;
-    the manifest's `classifier` entry then says what it is.
+    the manifest's `classifier` entry then says what it is. `programs` and
+    `classifier_programs` are .pt2 archives of torch.export programs (model.pt2, classifier.pt2);
+    the manifest's `exported` entry says what they hold.
     """
     store = Path(store)
     if not NAME_RE.match(name):
@@ -181,7 +194,13 @@ def write_artifact(
     try:
         _write(staging / MODEL_FILE, _torchscript_bytes(scripted_model))
         if classifier is not None:
-            _write(staging / CLASSIFIER_FILE, _torchscript_bytes(classifier))
+            # bytes: a classifier.pt copied as it is (a re-export keeps its base's file)
+            data = classifier if isinstance(classifier, bytes) else _torchscript_bytes(classifier)
+            _write(staging / CLASSIFIER_FILE, data)
+        if programs is not None:
+            _write(staging / PROGRAMS_FILE, programs)
+        if classifier_programs is not None:
+            _write(staging / CLASSIFIER_PROGRAMS_FILE, classifier_programs)
         for rel, data in (report_files or {}).items():
             target = staging / REPORT_DIR / rel
             if not target.resolve().is_relative_to((staging / REPORT_DIR).resolve()):
@@ -208,6 +227,7 @@ def write_artifact(
             raise ArtifactError(f"manifest lacks required fields: {missing}")
         _check_priors(full, "the manifest to write")
         _check_classes(full, "the manifest to write")
+        _check_exported(full, "the manifest to write")
         _write(staging / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=False).encode() + b"\n")
         _fsync_dir(staging)
         os.rename(staging, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
@@ -293,6 +313,7 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
         _check_priors(manifest, str(manifest_path))
     if found >= 3:
         _check_classes(manifest, str(manifest_path))
+        _check_exported(manifest, str(manifest_path))
     return manifest
 
 
@@ -333,6 +354,26 @@ def _check_classes(manifest: dict[str, Any], where: str) -> None:
             )
         if not listed:
             raise ArtifactError(f"{where}: a classifier needs the `classes` it tells apart")
+
+
+def _check_exported(manifest: dict[str, Any], where: str) -> None:
+    """`exported`: {file: "model.pt2", methods: [...], classifier_file: "classifier.pt2" or null}."""
+    exported = manifest.get("exported")
+    if exported is None:
+        return
+    if not isinstance(exported, dict) or exported.get("file") != PROGRAMS_FILE:
+        raise ArtifactError(f"{where}: `exported` must be an object whose `file` is {PROGRAMS_FILE!r}")
+    methods = exported.get("methods")
+    if not isinstance(methods, list) or not {"encode", "decode"} <= set(methods):
+        raise ArtifactError(
+            f"{where}: `exported.methods` must list at least encode and decode, not {methods!r}"
+        )
+    if exported.get("classifier_file") not in (None, CLASSIFIER_PROGRAMS_FILE):
+        raise ArtifactError(
+            f"{where}: `exported.classifier_file` must be {CLASSIFIER_PROGRAMS_FILE!r} or null"
+        )
+    if exported.get("classifier_file") and not isinstance(manifest.get("classifier"), dict):
+        raise ArtifactError(f"{where}: an exported classifier needs the `classifier` it exports")
 
 
 def verify(path: Path | str) -> dict[str, Any]:
@@ -391,6 +432,50 @@ def load_classifier(art: Artifact, device: str | torch.device = "cpu") -> torch.
     if not art.has_classifier:
         return None
     return _load_torchscript(art.path, art.manifest, CLASSIFIER_FILE, device)
+
+
+def load_programs(art: Artifact, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The torch.export programs of model.pt2 (and classifier.pt2, as "classify"), by method
+    name, as callables on `device`, from bytes checked against the manifest. Refuses an
+    artifact that carries none (ArtifactError)."""
+    if not art.has_programs:
+        raise ArtifactError(
+            f"{art.path}: carries no torch.export programs (no `exported` in its manifest); "
+            "serve it with VAE_RUNTIME=torchscript, or re-export it (vae-export)"
+        )
+    exported = art.manifest["exported"]
+    programs = _load_pt2(art, PROGRAMS_FILE, device)
+    missing = sorted(set(exported["methods"]) - set(programs))
+    if missing:
+        raise ArtifactError(f"{art.path}: {PROGRAMS_FILE} lacks the programs {missing} its manifest lists")
+    if exported.get("classifier_file"):
+        programs["classify"] = _load_pt2(art, CLASSIFIER_PROGRAMS_FILE, device)["classify"]
+    return programs
+
+
+def _load_pt2(art: Artifact, rel: str, device: str | torch.device) -> dict[str, Any]:
+    data = read_listed_file(art, rel)
+    if data is None:
+        raise ArtifactError(f"{art.path}: manifest lists no {rel}")
+    # The .pt2 archive reader of torch 2.13 (torch.export.load reads one program per file).
+    from torch.export.passes import move_to_device_pass
+    from torch.export.pt2_archive._package import load_pt2
+
+    try:
+        with warnings.catch_warnings():
+            # torch 2.13's reader warns that weights it groups by storage may not be on the CPU:
+            # they are (they were written from the CPU), and the move below is explicit.
+            warnings.filterwarnings("ignore", "No complete tensor found", UserWarning)
+            contents = load_pt2(io.BytesIO(data))
+        programs = {}
+        for name, program in contents.exported_programs.items():
+            if str(device) != "cpu":
+                # Moves the weights and rewrites the device constants traced on the CPU
+                program = move_to_device_pass(program, device)
+            programs[name] = program.module()
+    except Exception as exc:  # torch raises many kinds for a corrupt or foreign archive
+        raise ArtifactError(f"{art.path}: {rel} is not a loadable torch.export archive ({exc})") from exc
+    return programs
 
 
 def _load_torchscript(

@@ -43,6 +43,26 @@ class Settings(BaseSettings):
         "falls back to the first loaded model when this one is not loaded.",
     )
     device: str = Field("auto", description="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+    runtime: Literal["torchscript", "export"] = Field(
+        "torchscript",
+        description="Which of an artifact's files run: `torchscript`, model.pt (the contract's format); "
+        "`export`, its torch.export programs (model.pt2, classifier.pt2), which artifacts written since "
+        "issue 26 carry. A model without them is refused under `export`.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="What the decoder computes in: `fp32`; `bf16` or `fp16` (weights converted once); "
+        "`auto`, the device's native lower precision (bf16 on a CPU with AVX512-BF16 or AMX; bf16 or "
+        "fp16 on CUDA) where the warm-up measures it faster and the classifier's verdicts on "
+        "VAE_PRECISION_CHECK_DRAWS draws agree with fp32's for 99.5% of them, else fp32. /models says "
+        "which each model uses and why.",
+    )
+    precision_check_draws: int = Field(
+        5000,
+        ge=100,
+        le=100_000,
+        description="Draws decoded in both precisions to check a lower one (VAE_PRECISION).",
+    )
     torch_threads: int = Field(
         0,
         ge=0,

@@ -17,7 +17,13 @@ from service import artifact
 from trainer import data
 from trainer.classifier import WEIGHTS, load_classifier, weights_sha256
 from trainer.evaluate import evaluate
-from trainer.export import to_torchscript
+from trainer.export import (
+    MAX_EXPORT_BATCH,
+    SERVING_FORM_TOLERANCE,
+    ServingForms,
+    serving_forms,
+    to_torchscript,
+)
 from trainer.learned_prior import CODES, KINDS, STANDARD_DESCRIPTION, Stage, StageConfig, add_learned_prior
 from trainer.model import VAEConfig
 from trainer.prior import FlowConfig
@@ -302,7 +308,7 @@ def run(
     manifest["priors"] = {"standard": {"description": STANDARD_DESCRIPTION}}
     manifest["default_prior"] = "standard"
     if stage is None:
-        return _write(store, name, scripted, manifest, figures)
+        return _write(store, name, scripted, manifest, figures, data_dir=cfg.data_dir)
     added = add_learned_prior(
         scripted,
         cfg.dataset,
@@ -317,7 +323,16 @@ def run(
     )
     figures.update(added.figures)
     manifest["metrics"].update(added.metrics)
-    return _write(store, name, added.model, _with_stage(manifest, added), figures, added.classifier)
+    return _write(
+        store,
+        name,
+        added.model,
+        _with_stage(manifest, added),
+        figures,
+        added.classifier,
+        cfg.data_dir,
+        added.prior_map,
+    )
 
 
 def _with_stage(manifest: dict, added: Stage) -> dict:
@@ -337,8 +352,15 @@ def _write(
     manifest: dict,
     figures: dict[str, bytes],
     classifier: torch.jit.ScriptModule | None = None,
+    data_dir: Path | None = None,
+    prior_map: torch.nn.Module | None = None,
+    classifier_file: bytes | None = None,
 ) -> artifact.Artifact:
-    """The model card, the report's index of figures, then the artifact itself."""
+    """The serving forms (checked against `scripted` on real test digits from data_dir), the
+    model card, the report's index of figures, then the artifact itself. `classifier_file`:
+    classifier.pt's bytes to write as they are (a re-export keeps its base's file)."""
+    forms = serving_forms(scripted, classifier, test_digits(data_dir), prior_map=prior_map)
+    manifest = {**manifest, **serving_entries(forms)}
     captions = {k: v for k, v in FIGURES.items() if k in figures}
     if "manifold.png" in figures:
         captions["manifold.png"] = "The decoder over a grid of the 2-D latent space"
@@ -351,8 +373,51 @@ def _write(
     card = model_card({**manifest, "name": name, "version": version}, captions)
     figures["model_card.md"] = card.encode()
     return artifact.write_artifact(
-        store, name, scripted, manifest, report_files=figures, version=version, classifier=classifier
+        store,
+        name,
+        forms.torchscript,
+        manifest,
+        report_files=figures,
+        version=version,
+        classifier=classifier_file if classifier_file is not None else classifier,
+        programs=forms.programs,
+        classifier_programs=forms.classifier_programs,
     )
+
+
+def test_digits(data_dir: Path | None, count: int = 1000) -> torch.Tensor | None:
+    """The first `count` test images in [0, 1], [N, 1, 28, 28], or None without the data."""
+    if data_dir is None:
+        return None
+    try:
+        test = data.load_split(data_dir, "test")
+    except (data.DatasetError, OSError):
+        return None
+    return torch.from_numpy(np.asarray(test.images[:count], dtype=np.float32) / 255.0).unsqueeze(1)
+
+
+def serving_entries(forms: ServingForms) -> dict:
+    """The manifest's `serving_form` and `exported`: what model.pt computes in which form, what
+    model.pt2 holds, and how far each differs from the training modules (measured here)."""
+    checks = {k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in forms.checks.items()}
+    return {
+        "serving_form": {
+            "decoder": "channels-last; a transposed convolution to few channels as one matrix product "
+            "and four shifted adds, one to many channels as oneDNN's kernel on channels-last memory "
+            "(trainer/fast_decoder.py): the training Decoder's function from its weights",
+            "tolerance": SERVING_FORM_TOLERANCE,
+            "largest_difference": checks,
+            "checked_on": f"{checks.get('images')} "
+            + ("real test digits" if forms.checked_on_real else "random images (no data at hand)"),
+        },
+        "exported": {
+            "file": artifact.PROGRAMS_FILE,
+            "methods": list(forms.methods),
+            "classifier_file": artifact.CLASSIFIER_PROGRAMS_FILE if forms.classifier_programs else None,
+            "batch": f"dynamic, 1 to {MAX_EXPORT_BATCH} rows",
+            "torch": torch.__version__,
+        },
+    }
 
 
 # Fields of the base's manifest that describe the base artifact itself, not the model.
@@ -368,6 +433,26 @@ _OWN_FIELDS = (
     "classes",
     "classifier",
 )
+
+
+def on_base(art: artifact.Artifact, drop: tuple[str, ...], note: str) -> tuple[dict, dict[str, bytes]]:
+    """A new version's manifest and report files, taken from the base artifact it builds on:
+    the base's manifest less the fields in `drop`, a new created_at, `base` naming the base (and
+    `note`, what is the base's), and its report files but the model card (_write makes one)."""
+    manifest = {k: v for k, v in art.manifest.items() if k not in drop}
+    manifest["created_at"] = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    manifest["base"] = {
+        "name": art.name,
+        "version": art.version,
+        "model_sha256": art.manifest["files"][artifact.MODEL_FILE],
+        "note": note,
+    }
+    figures = {
+        rel.removeprefix(f"{artifact.REPORT_DIR}/"): artifact.read_listed_file(art, rel) or b""
+        for rel in art.manifest["files"]
+        if rel.startswith(f"{artifact.REPORT_DIR}/") and rel != "report/model_card.md"
+    }
+    return manifest, figures
 
 
 def run_prior(
@@ -403,24 +488,17 @@ def run_prior(
         progress,
         class_names=dataset.get("class_names"),
     )
-    manifest = {k: v for k, v in art.manifest.items() if k not in _OWN_FIELDS}
-    manifest["created_at"] = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    manifest, figures = on_base(
+        art,
+        _OWN_FIELDS,
+        "encoder and decoder are the base's weights (the encoder bit for bit, the decoder in the "
+        "serving form: serving_form says how close): metrics.test and training are the base's",
+    )
     manifest["description"] = f"{manifest.get('description', 'VAE')}; plus a learned prior over z"
-    manifest["base"] = {
-        "name": art.name,
-        "version": art.version,
-        "model_sha256": art.manifest["files"][artifact.MODEL_FILE],
-        "note": "encoder and decoder are the base's, bit for bit: metrics.test and training are the base's",
-    }
     manifest = _with_stage(manifest, added)
     manifest["metrics"] = {**manifest.get("metrics", {}), **added.metrics}
-    figures = {
-        rel.removeprefix(f"{artifact.REPORT_DIR}/"): artifact.read_listed_file(art, rel) or b""
-        for rel in art.manifest["files"]
-        if rel.startswith(f"{artifact.REPORT_DIR}/") and rel != "report/model_card.md"
-    }
     figures.update(added.figures)
-    return _write(store, name, added.model, manifest, figures, added.classifier)
+    return _write(store, name, added.model, manifest, figures, added.classifier, data_dir, added.prior_map)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class Stage:
     classes: list[dict[str, Any]] | None = None  # the manifest's `classes`
     classifier: torch.jit.ScriptModule | None = None  # classifier.pt
     classifier_entry: dict[str, Any] | None = None  # the manifest's `classifier`
+    prior_map: torch.nn.Module | None = None  # the eager map `model` scripted: (u, y, t) -> z
 
 
 def add_learned_prior(
@@ -254,7 +255,7 @@ def add_learned_prior(
             "the standard normal or the learned density: the NLL of the whole model, u to z to x."
         ),
     }
-    stage = Stage(scripted, priors, metrics, figures, classes=classes)
+    stage = Stage(scripted, priors, metrics, figures, classes=classes, prior_map=mapping)
     if judge is not None:
         grey = test_u8.float().div(255).unsqueeze(1)
         read, _ = predict(judge, grey)

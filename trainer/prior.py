@@ -306,7 +306,6 @@ class ClassMixtureMap(nn.Module):
         chol = torch.linalg.cholesky(covariances.reshape(m, d, d).double())
         self.register_buffer("chol", chol.float())
         self.register_buffer("log_weights", per_row.clamp_min(1e-300).log().float())  # [C + 1, M]
-        self.register_buffer("class_shares", shares.float())
         self.classes = classes
         self.latent_dim = d
 

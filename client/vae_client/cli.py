@@ -200,7 +200,9 @@ def models(as_json: AsJson = False, url: Url = DEFAULT_URL, api_key: ApiKey = No
         return
     for info in listed:
         mark = "*" if info.get("default") else " "
+        # runtime and precision: servers before issue 26 do not say (TorchScript, fp32)
+        runs = f"{info.get('runtime') or 'torchscript'} {info.get('precision') or 'fp32'}"
         typer.echo(
             f"{mark} {info['name']:<16} {info['version']:<6} latent_dim {info['latent_dim']:<4} "
-            f"{info['device']:<6} dataset {info.get('dataset') or '?'}"
+            f"{info['device']:<6} {runs:<16} dataset {info.get('dataset') or '?'}"
         )

@@ -374,6 +374,17 @@ class ModelInfo(BaseModel):
     version: str
     latent_dim: int
     device: str
+    runtime: Literal["torchscript", "export"] | None = Field(
+        None, description="Which of the artifact's files run (VAE_RUNTIME): model.pt or model.pt2."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="What the decoder computes in (VAE_PRECISION)."
+    )
+    precision_check: dict[str, Any] | None = Field(
+        None,
+        description="What chose the precision: the setting, the reason, and where a lower precision "
+        "was measured, its pass time against fp32's and the classifier's agreement on its draws.",
+    )
     default: bool = Field(description="Whether requests that name no model go to this one.")
     likelihood: str | None = None
     dataset: str | None = Field(None, description="The name of the dataset it was trained on.")

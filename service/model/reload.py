@@ -183,7 +183,15 @@ class Reloader:
     def _load(self, path: Path) -> tuple[ModelRuntime, float]:
         # Always warmed up, whatever VAE_WARMUP says: the warm-up run is the check that the new
         # model returns the shapes the contract promises, before it replaces a working one.
-        runtime, seconds = load_model(path, resolve_device(self.state.settings.device), warm_up=True)
+        settings = self.state.settings
+        runtime, seconds = load_model(
+            path,
+            resolve_device(settings.device),
+            True,
+            settings.runtime,
+            settings.precision,
+            settings.precision_check_draws,
+        )
         if runtime.version != path.name:
             raise artifact.ArtifactError(
                 f"{path}: the manifest says version {runtime.version!r}, the directory is {path.name!r}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -22,6 +22,7 @@ import torch
 from service import artifact
 from service.errors import UnknownModel, one_line
 from service.model import latent_map
+from service.model import precision as precision_choice
 from service.settings import Settings
 
 log = logging.getLogger("service.model.runtime")
@@ -63,18 +64,38 @@ class ModelRuntime(Protocol):
         ...
 
 
-class TorchScriptRuntime:
-    """A TorchScript artifact on one device."""
+# Which model files a runtime runs (VAE_RUNTIME): model.pt through TorchScript, the design's
+# contract and the default, or model.pt2's torch.export programs, its successor.
+RUNTIMES = ("torchscript", "export")
+LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Methods:
+    """The artifact's functions on torch tensors, however they are run."""
+
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    prior: Callable[..., torch.Tensor] | None = None  # (u, t) -> z; format 2: (u) -> z
+    prior_given: Callable[..., torch.Tensor] | None = None  # (u, y, t) -> z
+    classify: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+class TorchRuntime:
+    """An artifact's functions on one device, behind the ModelRuntime interface: numpy in,
+    numpy out. The subclasses say which files run (TorchScript, or torch.export programs)."""
+
+    runtime = "torchscript"
 
     def __init__(
         self,
-        model: torch.jit.ScriptModule,
+        methods: Methods,
         art: artifact.Artifact,
         device: torch.device,
-        classifier: torch.jit.ScriptModule | None = None,
+        low_decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        low_precision: str | None = None,
     ) -> None:
-        self.model = model
-        self.classifier = classifier
+        self.methods = methods
         self.artifact = art
         self.name = art.name
         self.version = art.version
@@ -85,56 +106,77 @@ class TorchScriptRuntime:
         self.default_prior = art.default_prior
         self.classes = art.classes
         self.conditional = art.conditional
-        self.has_classifier = classifier is not None
+        self.has_classifier = methods.classify is not None
         # Format 3 takes the temperature as an argument (it scales the spread within a
         # component); formats 1 and 2 take the scaled noise, exactly as before.
         self._tempered = art.format_version >= 3
         # The report's latent map (for the explorer page): read and checked once, here at load.
         self.latent_map = latent_map.read(art)
         self._device = device
+        # The decoder in a lower precision (VAE_PRECISION), when one was loaded: use_precision
+        # switches decode to it once service.model.precision has measured it.
+        self._low_decode = low_decode
+        self._low_precision = low_precision
+        self._low_dtype = LOW_PRECISIONS.get(low_precision or "")
+        self.precision = "fp32"
+        self.precision_check: dict[str, Any] = {}
 
-    @classmethod
-    def load(cls, path: Path, device: torch.device) -> TorchScriptRuntime:
-        model, art = artifact.load(path, device)
-        scripted_dim = getattr(model, "latent_dim", art.latent_dim)
-        if int(scripted_dim) != art.latent_dim:
-            raise artifact.ArtifactError(
-                f"{path}: manifest says latent_dim {art.latent_dim}, "
-                f"the TorchScript model says {scripted_dim}"
+    @property
+    def low_precision(self) -> str | None:
+        """The lower precision this runtime can decode in (None: fp32 only)."""
+        return self._low_precision
+
+    def use_precision(self, precision: str, check: dict[str, Any]) -> None:
+        """Decode in `precision` (fp32 or the loaded lower one) from now on; before warm-up,
+        so that calibration and every pass use it. `check` is what chose it (/models shows it)."""
+        if precision != "fp32" and precision != self._low_precision:
+            raise ValueError(
+                f"model {self.name}: {precision} was not loaded (only fp32 and {self._low_precision})"
             )
-        return cls(model, art, device, artifact.load_classifier(art, device))
+        self.precision = precision
+        self.precision_check = check
 
     # As few torch calls as possible around the model, shapes changed in numpy: every torch
     # call from Python lets go of the GIL and must take it back, and on a busy server each
     # take-back can wait a whole GIL switch interval (docs/performance.md).
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            mu, sigma = self.model.encode(self._input(x[:, None]))
+            mu, sigma = self.methods.encode(self._input(x[:, None]))
             # mu and sigma are usually views into one tensor: copy them out contiguous for orjson
             return _to_numpy(mu), _to_numpy(sigma)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
+        return self.decode_in(self.precision, z)
+
+    def decode_in(self, precision: str, z: np.ndarray) -> np.ndarray:
+        """decode in the given precision (fp32, or the lower one loaded): the measurement of
+        service.model.precision compares both on the same rows."""
         with torch.inference_mode():
-            return _to_numpy(self.model.decode(self._input(z)))[:, 0]
+            if precision == "fp32":
+                return _to_numpy(self.methods.decode(self._input(z)))[:, 0]
+            assert self._low_decode is not None and self._low_dtype is not None
+            return _to_numpy(self._low_decode(self._input(z).to(self._low_dtype)))[:, 0]
 
     def prior(self, rows: np.ndarray) -> np.ndarray:
         d = self.latent_dim
         u, temperature = rows[:, :d], rows[:, d]
         with torch.inference_mode():
+            assert self.methods.prior is not None
             if not self._tempered:
                 # u * t in float32, the very product /sample computed before format 3
-                return _to_numpy(self.model.prior(self._input(u * temperature[:, None])))
+                return _to_numpy(self.methods.prior(self._input(u * temperature[:, None])))
             t = self._input(temperature)
             if self.conditional:
+                assert self.methods.prior_given is not None
                 y = torch.from_numpy(rows[:, d + 1].astype(np.int64))
                 y = y if self._device.type == "cpu" else y.to(self._device)
-                return _to_numpy(self.model.prior_given(self._input(u), y, t))
-            return _to_numpy(self.model.prior(self._input(u), t))
+                return _to_numpy(self.methods.prior_given(self._input(u), y, t))
+            return _to_numpy(self.methods.prior(self._input(u), t))
 
     def classify(self, x: np.ndarray) -> np.ndarray:
-        assert self.classifier is not None
+        assert self.methods.classify is not None
         with torch.inference_mode():
-            return _to_numpy(self.classifier(self._input(x[:, None])))
+            return _to_numpy(self.methods.classify(self._input(x[:, None])))
 
     def _input(self, array: np.ndarray) -> torch.Tensor:
         """A request's array as the model's float32 input, on its device (no copy on the CPU
@@ -143,8 +185,8 @@ class TorchScriptRuntime:
         return tensor if self._device.type == "cpu" else tensor.to(self._device)
 
     def warm_up(self) -> float:
-        """Runs both methods once (the first TorchScript call compiles and allocates) and
-        checks the shapes the contract promises. Returns the seconds it took."""
+        """Runs both methods once (the first call compiles and allocates) and checks the
+        shapes the contract promises. Returns the seconds it took."""
         start = time.perf_counter()
         mu, sigma = self.encode(np.zeros((2, 28, 28), np.float32))
         images = self.decode(mu)
@@ -168,14 +210,83 @@ class TorchScriptRuntime:
                     f"{'values' if np.isfinite(z).all() else 'with NaN or infinity'} for u = 0; "
                     f"expected finite [2, {self.latent_dim}]"
                 )
-        if self.classifier is not None:
+        if self.has_classifier:
             probabilities = self.classify(images)
             if probabilities.shape != (2, len(self.classes)) or not np.isfinite(probabilities).all():
                 raise artifact.ArtifactError(
-                    f"{self.artifact.path}: classifier.pt returned {list(probabilities.shape)} for two "
+                    f"{self.artifact.path}: the classifier returned {list(probabilities.shape)} for two "
                     f"images; expected finite [2, {len(self.classes)}] (one probability per class)"
                 )
         return time.perf_counter() - start
+
+
+class TorchScriptRuntime(TorchRuntime):
+    """A TorchScript artifact (model.pt, classifier.pt) on one device."""
+
+    runtime = "torchscript"
+
+    def __init__(
+        self,
+        model: torch.jit.ScriptModule,
+        art: artifact.Artifact,
+        device: torch.device,
+        classifier: torch.jit.ScriptModule | None = None,
+        low_model: torch.jit.ScriptModule | None = None,
+        low_precision: str | None = None,
+    ) -> None:
+        self.model = model
+        self.classifier = classifier
+        methods = Methods(
+            encode=model.encode,
+            decode=model.decode,
+            prior=getattr(model, "prior", None) if artifact.LEARNED_PRIOR in art.priors else None,
+            prior_given=getattr(model, "prior_given", None) if art.conditional else None,
+            classify=classifier,
+        )
+        super().__init__(methods, art, device, low_model.decode if low_model else None, low_precision)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, low_precision: str | None = None) -> TorchScriptRuntime:
+        model, art = artifact.load(path, device)
+        scripted_dim = getattr(model, "latent_dim", art.latent_dim)
+        if int(scripted_dim) != art.latent_dim:
+            raise artifact.ArtifactError(
+                f"{path}: manifest says latent_dim {art.latent_dim}, "
+                f"the TorchScript model says {scripted_dim}"
+            )
+        low = None
+        if low_precision:
+            # A second copy whose weights are converted once (not autocast on every pass)
+            low = artifact.load(path, device)[0].to(LOW_PRECISIONS[low_precision])
+        return cls(model, art, device, artifact.load_classifier(art, device), low, low_precision)
+
+
+class ExportRuntime(TorchRuntime):
+    """An artifact's torch.export programs (model.pt2, classifier.pt2) on one device: the same
+    functions as its TorchScript model, without TorchScript (VAE_RUNTIME=export)."""
+
+    runtime = "export"
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, low_precision: str | None = None) -> ExportRuntime:
+        art = artifact.Artifact(path, artifact.verify(path))
+        programs = artifact.load_programs(art, device)
+        methods = Methods(
+            encode=programs["encode"],
+            decode=programs["decode"],
+            prior=programs.get("prior") if artifact.LEARNED_PRIOR in art.priors else None,
+            prior_given=programs.get("prior_given") if art.conditional else None,
+            classify=programs.get("classify") if art.has_classifier else None,
+        )
+        needed = ["prior"] if artifact.LEARNED_PRIOR in art.priors else []
+        needed += ["prior_given"] if art.conditional else []
+        missing = [m for m in needed if getattr(methods, m) is None]
+        if missing:
+            raise artifact.ArtifactError(f"{path}: model.pt2 has no program for {', '.join(missing)}")
+        low = None
+        if low_precision:
+            low = artifact.load_programs(art, device)["decode"].to(LOW_PRECISIONS[low_precision])
+        return cls(methods, art, device, low, low_precision)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -250,26 +361,40 @@ class ModelRefused(RuntimeError):
     warm-up run. The message says how, in one line."""
 
 
-def load_model(path: Path, device: torch.device, warm_up: bool = True) -> tuple[ModelRuntime, float]:
-    """Loads, verifies and (optionally) warms up one artifact; returns it and the warm-up's
-    seconds. The one place a runtime is built, at startup (load_registry) and on reload
+def load_model(
+    path: Path,
+    device: torch.device,
+    warm_up: bool = True,
+    runtime: str = "torchscript",
+    precision: str = "fp32",
+    check_draws: int = precision_choice.CHECK_DRAWS,
+) -> tuple[ModelRuntime, float]:
+    """Loads, verifies and (optionally) warms up one artifact, with `runtime`'s files
+    (VAE_RUNTIME) and decoding in the precision VAE_PRECISION chooses (service.model.precision,
+    measured here, before any pass size is calibrated); returns it and the warm-up's seconds.
+    The one place a runtime is built, at startup (load_registry) and on reload
     (service.model.reload), so anything that wraps runtimes belongs here to apply to both.
     Raises ArtifactError (missing, tampered, wrong shapes) or ModelRefused (crashed)."""
+    kind = ExportRuntime if runtime == "export" else TorchScriptRuntime
+    low = precision_choice.lower_precision_to_load(precision, device)
     try:
-        runtime = TorchScriptRuntime.load(path, device)
+        model = kind.load(path, device, low)
     except artifact.ArtifactError:
         raise
     except Exception as exc:  # one unloadable model must not take the others (or the server) down
         raise ModelRefused(f"{path}: it could not be loaded ({one_line(exc)})") from exc
     if not warm_up:
-        return runtime, 0.0
+        return model, 0.0
     try:
-        return runtime, runtime.warm_up()
+        seconds = model.warm_up()
+        started = time.perf_counter()
+        precision_choice.choose(model, precision, check_draws)
+        return model, seconds + time.perf_counter() - started
     except artifact.ArtifactError:
         raise
     except Exception as exc:  # a model that crashes on warm-up must not take the others down
         # The path and one line, as for the artifact checks: the operator reads which
-        # artifact failed and how, not the TorchScript interpreter's traceback.
+        # artifact failed and how, not the interpreter's traceback.
         raise ModelRefused(f"{path}: it failed its warm-up run ({one_line(exc)})") from exc
 
 
@@ -295,19 +420,28 @@ def load_registry(settings: Settings) -> ModelRegistry:
     for name, version in specs:
         try:
             path = artifact.resolve(store, name, version)
-            runtime, seconds = load_model(path, device, warm_up=settings.warmup)
+            runtime, seconds = load_model(
+                path,
+                device,
+                settings.warmup,
+                settings.runtime,
+                settings.precision,
+                settings.precision_check_draws,
+            )
         except (artifact.ArtifactError, ModelRefused) as exc:
             log.error("refusing model %s%s: %s", name, f" {version}" if version else "", exc)
             continue
         models[name] = runtime
         log.info(
-            "loaded model %s %s from %s: latent_dim %d on %s, warm-up %.2f s",
+            "loaded model %s %s from %s: latent_dim %d on %s, warm-up %.2f s (runtime %s, precision %s)",
             name,
             runtime.version,
             path,
             runtime.latent_dim,
             runtime.device,
             seconds,
+            getattr(runtime, "runtime", "?"),
+            getattr(runtime, "precision", "fp32"),
         )
     if not models:
         raise NoModelsError(

@@ -233,6 +233,7 @@ def test_cli_decode_reconstruct_and_models(cli: CliRunner, tiny: Direct, tmp_pat
     assert decode_png(rec.read_bytes()).shape == (28, 28)
     listed = cli.invoke(client_cli.app, ["models"])
     assert listed.exit_code == 0 and "* tiny " in listed.stdout and "tiny-2d" in listed.stdout
+    assert "torchscript fp32" in listed.stdout
 
 
 def test_cli_reports_server_errors_in_one_line(cli: CliRunner, tmp_path: Path) -> None:

@@ -49,11 +49,18 @@ def test_health_readiness_and_models(api: InProcess) -> None:
     assert listed["default"] == "tiny", "mnist is not in the store: the first loaded model is the default"
     assert [m["name"] for m in listed["models"]] == ["tiny", "tiny-2d"]
     info = api.get("/models/tiny-2d").json()
+    check = info["precision_check"]
+    assert check["setting"] == "auto" and check["reason"].startswith("auto")
     assert info == {
         "name": "tiny-2d",
         "version": "v1",
         "latent_dim": 2,
         "device": "cpu",
+        "runtime": "torchscript",
+        "precision": "fp32",
+        # make_settings leaves VAE_PRECISION at auto: fp32 without a native lower precision, or
+        # (on a CPU with AMX or AVX512-BF16) fp32 because this tiny model has no classifier
+        "precision_check": info["precision_check"],
         "default": False,
         "likelihood": "bernoulli",
         "dataset": "synthetic",

@@ -56,7 +56,7 @@ from service.artifact import LEARNED_PRIOR
 from service.errors import ProblemError, one_line
 from service.metrics import Metrics
 from service.model import faults
-from service.model.runtime import ModelRuntime, TorchScriptRuntime
+from service.model.runtime import ModelRuntime, TorchRuntime
 
 log = logging.getLogger("service.model.batching")
 
@@ -513,9 +513,10 @@ class Batchers:
 
 
 def needs_warm_up(model: ModelRuntime) -> bool:
-    """TorchScript optimises per input shape on first use, and its kernels are what
-    calibration measures; other runtimes (test doubles) need neither."""
-    return isinstance(model, TorchScriptRuntime)
+    """A model's torch kernels (TorchScript's or a torch.export program's) are what
+    calibration measures, and TorchScript optimises per input shape on first use; other
+    runtimes (test doubles) need neither."""
+    return isinstance(model, TorchRuntime)
 
 
 def candidate_sizes(max_size: int) -> list[int]:

@@ -105,6 +105,11 @@ def test_the_export_runtime_keeps_results_independent_of_batching(runtimes: dict
     """The exactness calibration covers the programs too: a draw's images are the same bits
     alone, inside a larger request (passes of 32 + 8 rows) and batched with others."""
     app = runtimes["export"]
+    # Calibrated at warm-up as the TorchScript runtime is: passes smaller than the batch size
+    state = app.app.state.vae
+    sizes = state.inference.pass_sizes(state.registry.get("mnist"))
+    assert set(sizes) == {"encode", "decode", "sample", "classify"}
+    assert all(s[-1] == 32 and len(s) > 1 for s in sizes.values()), sizes
     alone = arrays(post(app, "/sample", n=5, seed=21, format="array"), "images")
     within = arrays(post(app, "/sample", n=40, seed=21, format="array"), "images")[:5]
     np.testing.assert_array_equal(alone, within)

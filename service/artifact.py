@@ -426,6 +426,12 @@ def load(path: Path | str, device: str | torch.device = "cpu") -> tuple[torch.ji
     return model, art
 
 
+def load_model_file(art: Artifact, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """model.pt of an artifact already verified, loaded once more from bytes checked against its
+    manifest: a second, independent copy (a ScriptModule's deepcopy has non-leaf parameters)."""
+    return _load_torchscript(art.path, art.manifest, MODEL_FILE, device)
+
+
 def load_classifier(art: Artifact, device: str | torch.device = "cpu") -> torch.jit.ScriptModule | None:
     """The artifact's classifier (images [B, 1, 28, 28] -> probabilities [B, classes]), from
     bytes checked against the manifest, or None when it ships none."""

@@ -31,7 +31,6 @@ from service.artifact import LEARNED_PRIOR
 
 log = logging.getLogger("service.model.precision")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECK_DRAWS = 5000  # draws judged in both precisions (issue 26)
 AGREEMENT_NEEDED = 0.995  # share of draws whose verdict must not change
 TIMED_ROWS = 32  # the pass timed in both precisions: a busy server's
@@ -75,25 +74,33 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def lower_precision_to_load(setting: str, device: torch.device) -> str | None:
-    """Which lower precision a runtime must load beside fp32 for this setting (None: none)."""
+def lower_precision_to_load(setting: str, device: torch.device, measured: bool = True) -> str | None:
+    """Which lower precision a runtime must load beside fp32 for this setting (None: none).
+    `auto` loads one only where it will be measured (at warm-up)."""
     if setting in ("bf16", "fp16"):
         return setting
-    if setting == "auto":
+    if setting == "auto" and measured:
         return native_lower_precision(device)
     return None
 
 
-def choose(runtime: Switchable, setting: str, draws: int = CHECK_DRAWS) -> None:
-    """Measures the loaded lower precision against fp32 and tells the runtime which to use."""
+def choose(runtime: Switchable, setting: str, draws: int = CHECK_DRAWS, measure: bool = True) -> None:
+    """Measures the loaded lower precision against fp32 and tells the runtime which to use.
+    Without `measure` (VAE_WARMUP=false) an explicit lower precision is used as asked, unchecked,
+    and `auto` stays fp32."""
     low = runtime.low_precision
     if setting == "fp32" or low is None:
-        reason = (
-            "VAE_PRECISION=fp32"
-            if setting == "fp32"
-            else "auto: this device has no native lower precision (bf16 needs AVX512-BF16 or AMX on a CPU)"
-        )
+        if setting == "fp32":
+            reason = "VAE_PRECISION=fp32"
+        elif not measure:
+            reason = "auto: not measured (VAE_WARMUP=false), so fp32"
+        else:
+            reason = "auto: this device has no native lower precision (a CPU's bf16 needs AVX512-BF16 or AMX)"
         runtime.use_precision("fp32", {"setting": setting, "reason": reason})
+        return
+    if not measure:
+        reason = f"VAE_PRECISION={low}, not measured (VAE_WARMUP=false)"
+        runtime.use_precision(low, {"setting": setting, "reason": reason})
         return
     check = {"setting": setting, "candidate": low, **_timings(runtime, low)}
     check.update(_quality(runtime, low, draws))

@@ -9,7 +9,7 @@ was refused, which a deploy script can check. See docs/deployment.md.
 How a reload stays invisible to clients:
 
 - Every new version is loaded, its sha256 verified against its manifest and its model run
-  once (the same `runtime.load_model` as at startup), on a worker thread, while the old
+  once (the same `runtime.load_configured` as at startup), on a worker thread, while the old
   version keeps serving on the event loop.
 - The swap is one assignment, `state.registry = new_registry`, made on the event loop: a
   new immutable ModelRegistry replaces the old one. A request looks the registry up once,
@@ -42,7 +42,7 @@ from service.model.runtime import (
     ModelRefused,
     ModelRegistry,
     ModelRuntime,
-    load_model,
+    load_configured,
     resolve_device,
     selected_models,
 )
@@ -184,14 +184,7 @@ class Reloader:
         # Always warmed up, whatever VAE_WARMUP says: the warm-up run is the check that the new
         # model returns the shapes the contract promises, before it replaces a working one.
         settings = self.state.settings
-        runtime, seconds = load_model(
-            path,
-            resolve_device(settings.device),
-            True,
-            settings.runtime,
-            settings.precision,
-            settings.precision_check_draws,
-        )
+        runtime, seconds = load_configured(path, settings, resolve_device(settings.device), warm_up=True)
         if runtime.version != path.name:
             raise artifact.ArtifactError(
                 f"{path}: the manifest says version {runtime.version!r}, the directory is {path.name!r}"

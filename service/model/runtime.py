@@ -9,6 +9,7 @@ requests before calling the real model.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -64,9 +65,6 @@ class ModelRuntime(Protocol):
         ...
 
 
-# Which model files a runtime runs (VAE_RUNTIME): model.pt through TorchScript, the design's
-# contract and the default, or model.pt2's torch.export programs, its successor.
-RUNTIMES = ("torchscript", "export")
 LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -254,10 +252,10 @@ class TorchScriptRuntime(TorchRuntime):
                 f"{path}: manifest says latent_dim {art.latent_dim}, "
                 f"the TorchScript model says {scripted_dim}"
             )
-        low = None
-        if low_precision:
-            # A second copy whose weights are converted once (not autocast on every pass)
-            low = artifact.load(path, device)[0].to(LOW_PRECISIONS[low_precision])
+        # A second copy whose weights are converted once (not autocast on every pass)
+        low = (
+            artifact.load_model_file(art, device).to(LOW_PRECISIONS[low_precision]) if low_precision else None
+        )
         return cls(model, art, device, artifact.load_classifier(art, device), low, low_precision)
 
 
@@ -283,9 +281,7 @@ class ExportRuntime(TorchRuntime):
         missing = [m for m in needed if getattr(methods, m) is None]
         if missing:
             raise artifact.ArtifactError(f"{path}: model.pt2 has no program for {', '.join(missing)}")
-        low = None
-        if low_precision:
-            low = artifact.load_programs(art, device)["decode"].to(LOW_PRECISIONS[low_precision])
+        low = copy.deepcopy(programs["decode"]).to(LOW_PRECISIONS[low_precision]) if low_precision else None
         return cls(methods, art, device, low, low_precision)
 
 
@@ -376,7 +372,7 @@ def load_model(
     (service.model.reload), so anything that wraps runtimes belongs here to apply to both.
     Raises ArtifactError (missing, tampered, wrong shapes) or ModelRefused (crashed)."""
     kind = ExportRuntime if runtime == "export" else TorchScriptRuntime
-    low = precision_choice.lower_precision_to_load(precision, device)
+    low = precision_choice.lower_precision_to_load(precision, device, measured=warm_up)
     try:
         model = kind.load(path, device, low)
     except artifact.ArtifactError:
@@ -384,6 +380,7 @@ def load_model(
     except Exception as exc:  # one unloadable model must not take the others (or the server) down
         raise ModelRefused(f"{path}: it could not be loaded ({one_line(exc)})") from exc
     if not warm_up:
+        precision_choice.choose(model, precision, measure=False)
         return model, 0.0
     try:
         seconds = model.warm_up()
@@ -396,6 +393,15 @@ def load_model(
         # The path and one line, as for the artifact checks: the operator reads which
         # artifact failed and how, not the interpreter's traceback.
         raise ModelRefused(f"{path}: it failed its warm-up run ({one_line(exc)})") from exc
+
+
+def load_configured(
+    path: Path, settings: Settings, device: torch.device, warm_up: bool
+) -> tuple[ModelRuntime, float]:
+    """load_model with the settings' runtime and precision: at startup and on reload alike."""
+    return load_model(
+        path, device, warm_up, settings.runtime, settings.precision, settings.precision_check_draws
+    )
 
 
 def load_registry(settings: Settings) -> ModelRegistry:
@@ -420,14 +426,7 @@ def load_registry(settings: Settings) -> ModelRegistry:
     for name, version in specs:
         try:
             path = artifact.resolve(store, name, version)
-            runtime, seconds = load_model(
-                path,
-                device,
-                settings.warmup,
-                settings.runtime,
-                settings.precision,
-                settings.precision_check_draws,
-            )
+            runtime, seconds = load_configured(path, settings, device, settings.warmup)
         except (artifact.ArtifactError, ModelRefused) as exc:
             log.error("refusing model %s%s: %s", name, f" {version}" if version else "", exc)
             continue

@@ -188,6 +188,22 @@ def test_bf16_is_measured_reported_and_exact_within_itself() -> None:
         app.close()
 
 
+def test_without_a_warm_up_an_asked_precision_is_used_unmeasured_and_auto_stays_fp32() -> None:
+    for asked, expected, reason in (
+        ("bf16", "bf16", "VAE_PRECISION=bf16, not measured (VAE_WARMUP=false)"),
+        ("auto", "fp32", "auto: not measured (VAE_WARMUP=false), so fp32"),
+    ):
+        app = InProcess(
+            create_app(make_settings(SHIPPED_STORE, models=["mnist:v4"], precision=asked, warmup=False))
+        )
+        try:
+            info = app.get("/models/mnist").json()
+            assert info["precision"] == expected and info["precision_check"]["reason"] == reason
+            assert len(post(app, "/sample", n=2, seed=1)["images"]) == 2
+        finally:
+            app.close()
+
+
 class FakeRuntime:
     """Just what precision.choose reads, with a lower precision that is slower or worse."""
 

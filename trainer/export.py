@@ -2,9 +2,9 @@
 specifies (docs/artifact.md): TorchScript (model.pt, classifier.pt), and since issue 26 the
 same functions as torch.export programs (model.pt2, classifier.pt2).
 
-What ships is the serving form (`serving_forms`): the decoder rewritten channels-last with
-matrix products for its transposed convolutions (trainer.fast_decoder), checked against the
-training module's function before it is written. The trainer first builds the plain
+What ships is the serving form (`serving_forms`): the decoder rewritten channels-last, a
+transposed convolution to few channels as a matrix product (trainer.fast_decoder), checked
+against the training module's function before it is written. The trainer first builds the plain
 TorchScript model (`to_torchscript`, `with_prior`); serving_forms rebuilds eager modules from
 its weights, so a shipped artifact can be re-exported the same way (trainer.reexport).
 """

@@ -86,22 +86,11 @@ class ConvTransposeGemm(nn.Module):
         return out[:, 1:-1, 1:-1]
 
 
-class ChannelsLastConvTranspose(nn.Module):
-    """A transposed convolution with many output channels, kept as one (oneDNN runs those near
-    its rate) but fed the channels-last activations as they are: a [B, H, W, C] tensor seen as
-    [B, C, H, W] in channels-last memory, no copy either side."""
-
-    def __init__(self, conv: nn.ConvTranspose2d) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-class ChannelsFirst(nn.Module):
-    """A layer of the training module (a residual block) run as it was, on channels-first
-    data: the fast form transposes around it rather than rewriting it."""
+class ChannelsFirstView(nn.Module):
+    """A layer of the training module run as it was, on a [B, C, H, W] view of the
+    channels-last activations (channels-last memory, no copy either side): a transposed
+    convolution with many output channels, which oneDNN runs near its rate on that memory,
+    or a residual block, which the serving form does not rewrite."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -132,10 +121,8 @@ class FastDecoder(nn.Module):
                 spatial = True  # ImageLinear already shaped its output
             elif isinstance(layer, nn.ConvTranspose2d) and layer.out_channels < GEMM_BELOW_CHANNELS:
                 layers.append(ConvTransposeGemm(layer))
-            elif isinstance(layer, nn.ConvTranspose2d):
-                layers.append(ChannelsLastConvTranspose(layer))
-            elif isinstance(layer, ResBlock):
-                layers.append(ChannelsFirst(layer))
+            elif isinstance(layer, nn.ConvTranspose2d | ResBlock):
+                layers.append(ChannelsFirstView(layer))
             elif isinstance(layer, nn.SiLU):
                 layers.append(SiLU())
             elif isinstance(layer, nn.Linear) and not spatial:
